@@ -1,0 +1,39 @@
+// The vlfast_C operator library: schemas of the C++ kernels and their CPU / CUDA implementations.
+// The public, differentiable ops (vlfast::*) are defined in Python (vlfast/ops) and call these.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cross_attention.h"
+
+TORCH_LIBRARY(vlfast_C, m) {
+  m.def(
+      "cross_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? kv_mask, float scale)"
+      " -> (Tensor out, Tensor lse)");
+  m.def(
+      "cross_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? kv_mask,"
+      " Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(vlfast_C, CPU, m) {
+  m.impl("cross_attention_forward", &vlfast::cross_attention_forward_cpu);
+  m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cpu);
+}
+
+#ifdef VLFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(vlfast_C, CUDA, m) {
+  m.impl("cross_attention_forward", &vlfast::cross_attention_forward_cuda);
+  m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cuda);
+}
+#endif
+
+// A plain Python module: importing it loads the library above and tells how it was built.
+static PyModuleDef vlfast_c_module = {PyModuleDef_HEAD_INIT, "_C", "vlfast C++/CUDA kernels", -1,
+                                      nullptr};
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&vlfast_c_module);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "torch_version", VLFAST_TORCH_VERSION);
+  PyModule_AddStringConstant(module, "cuda_archs", VLFAST_CUDA_ARCHS);
+  return module;
+}

@@ -1,0 +1,208 @@
+"""Fused cross-attention in Triton: softmax(scale q k^T + mask) v and its backward.
+
+Tuned for the Q-Former: 32 query tokens attend to 257 image tokens per (batch, head). One program
+owns a block of queries that covers all of them (BLOCK_M = 32), so K and V of a (batch, head) are
+read exactly once in the forward, and once in the backward, where the same program also owns the
+whole dK and dV of that (batch, head) and writes them without atomics. Longer query sequences use
+several query blocks and accumulate dK / dV with fp32 atomics.
+
+Scores never reach memory: the forward keeps an online softmax (running max and sum per row) and
+saves only the row log-sum-exp (+inf for a row with no visible key, whose output is 0).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vlfast.kernels.utils import new_output
+
+
+@triton.jit
+def _load_rows(ptr, rows, cols, n_rows, n_cols, ld):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * ld + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible_keys(mask_ptr, batch, keys, kv_len, HAS_MASK: tl.constexpr):
+    visible = keys < kv_len
+    if HAS_MASK:
+        visible = visible & (tl.load(mask_ptr + batch * kv_len + keys, mask=keys < kv_len, other=0) != 0)
+    return visible
+
+
+@triton.jit
+def cross_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+    heads, q_len, kv_len, head_dim, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // heads
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    key_offsets = tl.arange(0, BLOCK_N)
+    q = _load_rows(q_ptr + bh * q_len * head_dim, rows, cols, q_len, head_dim, head_dim)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + bh * kv_len * head_dim
+    v_base = v_ptr + bh * kv_len * head_dim
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        keys = start + key_offsets
+        k = _load_rows(k_base, keys, cols, kv_len, head_dim, head_dim)
+        v = _load_rows(v_base, keys, cols, kv_len, head_dim, head_dim)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = _visible_keys(mask_ptr, batch, keys, kv_len, HAS_MASK)
+        logits = tl.where(visible[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        # A row with no visible key so far keeps max -inf; shift by 0 instead to avoid inf - inf.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - shift)
+        p = tl.exp(logits - shift[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    has_keys = row_sum > 0.0
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    row_ok = rows < q_len
+    out_mask = row_ok[:, None] & (cols[None, :] < head_dim)
+    tl.store(out_ptr + bh * q_len * head_dim + rows[:, None] * head_dim + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    lse = tl.where(has_keys, row_max + tl.log(tl.where(has_keys, row_sum, 1.0)), float("inf"))
+    tl.store(lse_ptr + bh * q_len + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def cross_attention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, dout_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    heads, q_len, kv_len, head_dim, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_KV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // heads
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    key_offsets = tl.arange(0, BLOCK_N)
+    row_ok = rows < q_len
+    q_offset = bh * q_len * head_dim
+    q = _load_rows(q_ptr + q_offset, rows, cols, q_len, head_dim, head_dim)
+    do = _load_rows(dout_ptr + q_offset, rows, cols, q_len, head_dim, head_dim)
+    o = _load_rows(out_ptr + q_offset, rows, cols, q_len, head_dim, head_dim)
+    # delta = rowsum(dO * O), the softmax backward's row correction; rows past q_len get lse = +inf
+    # and so probability 0.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(lse_ptr + bh * q_len + rows, mask=row_ok, other=float("inf"))
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    kv_offset = bh * kv_len * head_dim
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        keys = start + key_offsets
+        k = _load_rows(k_ptr + kv_offset, keys, cols, kv_len, head_dim, head_dim)
+        v = _load_rows(v_ptr + kv_offset, keys, cols, kv_len, head_dim, head_dim)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = _visible_keys(mask_ptr, batch, keys, kv_len, HAS_MASK)
+        logits = tl.where(visible[None, :], logits, float("-inf"))
+        p = tl.exp(logits - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * scale
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        kv_ptrs = kv_offset + keys[:, None] * head_dim + cols[None, :]
+        kv_mask = (keys[:, None] < kv_len) & (cols[None, :] < head_dim)
+        if ATOMIC_KV:
+            tl.atomic_add(dk_ptr + kv_ptrs, dk, mask=kv_mask)
+            tl.atomic_add(dv_ptr + kv_ptrs, dv, mask=kv_mask)
+        else:
+            tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    tl.store(dq_ptr + q_offset + rows[:, None] * head_dim + cols[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < head_dim))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(q: torch.Tensor, kv_len: int) -> dict:
+    """Block sizes and dot options for a problem; shared by the launchers and the static report."""
+    q_len, head_dim = q.shape[2], q.shape[3]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return {
+        # One query block covers the Q-Former's 32 queries; longer sequences tile by 64.
+        "BLOCK_M": min(64, max(16, triton.next_power_of_2(q_len))),
+        "BLOCK_N": 64 if block_d <= 64 else 32,
+        "BLOCK_D": block_d,
+        # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
+        "DOT_FP32": q.dtype == torch.bfloat16 and interpreting(),
+        # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
+        "PRECISION": "tf32x3" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _mask_arg(kv_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    return q if kv_mask is None else kv_mask.view(torch.uint8)  # any pointer when HAS_MASK=False
+
+
+def cross_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous (B,H,L,D) q, k, v and optional (B,Lk) bool mask -> (out, fp32 lse (B,H,Lq))."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, heads, q_len), torch.float32, q.device)
+    cfg = launch_config(q, kv_len)
+    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
+    cross_attention_fwd_kernel[grid](
+        q, k, v, _mask_arg(kv_mask, q), out, lse, heads, q_len, kv_len, head_dim, scale,
+        HAS_MASK=kv_mask is not None, num_warps=4, **cfg,
+    )
+    return out, lse
+
+
+def cross_attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    cfg = launch_config(q, kv_len)
+    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
+    atomic_kv = grid[0] > 1  # several query blocks add into the same dK / dV rows
+    dq = new_output(q.shape, q.dtype, q.device)
+    if atomic_kv:
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    else:
+        dk = new_output(k.shape, k.dtype, k.device)
+        dv = new_output(v.shape, v.dtype, v.device)
+    cross_attention_bwd_kernel[grid](
+        q, k, v, _mask_arg(kv_mask, q), out, dout, lse, dq, dk, dv,
+        heads, q_len, kv_len, head_dim, scale,
+        HAS_MASK=kv_mask is not None, ATOMIC_KV=atomic_kv, num_warps=4, **cfg,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,35 @@
+"""Loading the compiled extension vlfast._C, and why it may be missing."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    reason: str  # why it is not loaded; empty when it is
+    cuda_archs: tuple[str, ...] = ()  # compute capabilities the CUDA kernels were built for
+
+    @property
+    def has_cuda_kernels(self) -> bool:
+        return bool(self.cuda_archs)
+
+
+@functools.cache
+def extension_status() -> ExtensionStatus:
+    try:
+        from vlfast import _C
+    except ImportError as error:
+        return ExtensionStatus(False, f"vlfast._C is not built or failed to load ({error})")
+    if _C.torch_version != torch.__version__:
+        # Registering ops compiled against another torch risks crashes: refuse to use them.
+        return ExtensionStatus(
+            False,
+            f"vlfast._C was built against torch {_C.torch_version} but torch {torch.__version__} is "
+            "running; rebuild with `pip install --no-build-isolation -e .`",
+        )
+    archs = tuple(a for a in _C.cuda_archs.split(";") if a)
+    return ExtensionStatus(True, "", archs)

@@ -1,0 +1,5 @@
+"""The public ops of vlfast. Each runs on one of the backends of `vlfast.ops.backends`."""
+from vlfast.ops.backends import AUTO, BACKENDS, BackendUnsupportedError, use_backend
+from vlfast.ops.cross_attention import cross_attention
+
+__all__ = ["AUTO", "BACKENDS", "BackendUnsupportedError", "cross_attention", "use_backend"]

@@ -1,0 +1,105 @@
+"""Backend selection shared by all ops.
+
+Every op has four backends: `triton` (fused Triton kernels), `cuda` and `cpu` (the C++ kernels of
+vlfast._C) and `torch` (plain PyTorch, also the reference). A backend is picked per call
+(`backend=`), for a block of code (`use_backend`), or automatically. Each op describes, per
+backend, what it supports: `unsupported_reason(...)` returns why a backend cannot take an input,
+or None when it can.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from vlfast._extension import extension_status
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+AUTO = "auto"
+
+_default_backend = AUTO
+
+
+class BackendUnsupportedError(RuntimeError):
+    """The requested backend cannot run this input; the message says why."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every vlfast op in the block on backend `name` ('auto' restores automatic choice)."""
+    global _default_backend
+    _check_name(name)
+    previous, _default_backend = _default_backend, name
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
+def _check_name(name: str) -> None:
+    if name != AUTO and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {(AUTO, *BACKENDS)}, got {name!r}")
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_device_reason(device: torch.device) -> str | None:
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+        return None
+    if device.type == "cpu":
+        return "triton needs CUDA tensors (or TRITON_INTERPRET=1, set before triton is imported, for CPU)"
+    return f"triton does not run on {device.type} tensors"
+
+
+def extension_device_reason(device: torch.device) -> str | None:
+    """The C++ kernels: `cpu` on CPU tensors, `cuda` on CUDA tensors when built with CUDA."""
+    status = extension_status()
+    if not status.loaded:
+        return status.reason
+    if device.type == "cuda" and not status.has_cuda_kernels:
+        return "vlfast._C was built without CUDA kernels (see `python -m vlfast.info`)"
+    return None
+
+
+def device_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "triton":
+        return triton_device_reason(device)
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return f"the {backend} backend takes {backend.upper()} tensors, got {device.type} tensors"
+        return extension_device_reason(device)
+    return None
+
+
+def resolve_backend(
+    op: str,
+    requested: str | None,
+    device: torch.device,
+    unsupported_reason: Callable[[str], str | None],
+    cpu_preference: tuple[str, ...],
+) -> str:
+    """The backend to run `op` on. `unsupported_reason(backend)` covers the input's dtype and shape;
+    device checks are added here. `cpu_preference` is the op's measured fastest-first order on CPU."""
+    name = _default_backend if requested is None else requested
+    _check_name(name)
+
+    def reason(backend: str) -> str | None:
+        return device_reason(backend, device) or unsupported_reason(backend)
+
+    if name != AUTO:
+        why = reason(name)
+        if why is not None:
+            raise BackendUnsupportedError(f"vlfast.ops.{op}: backend {name!r} cannot run this input: {why}")
+        return name
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else (*cpu_preference, "torch")
+    for backend in order:
+        if reason(backend) is None:
+            return backend
+    raise BackendUnsupportedError(
+        f"vlfast.ops.{op}: no backend can run this input: "
+        + "; ".join(f"{b}: {reason(b)}" for b in order)
+    )

@@ -1,0 +1,145 @@
+"""`cross_attention`: softmax(scale q k^T + mask) v, the Q-Former's attention to image tokens.
+
+The public function checks its arguments, picks a backend and calls the custom op
+`vlfast::cross_attention_fwd`, whose autograd calls `vlfast::cross_attention_bwd`. Both are
+registered with torch.library (real, fake and autograd implementations), so they trace as single
+nodes under torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlfast.ops import reference
+from vlfast.ops.backends import resolve_backend
+from vlfast.ops.checks import check_same_device, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_TRITON_HEAD_DIM = 256
+MAX_CUDA_HEAD_DIM = 128
+# Fastest first on CPU tensors, as measured by benchmarks/test_cross_attention.py at the Q-Former
+# shape (the C++ kernel is scalar code, torch's batched matmuls are not).
+CPU_PREFERENCE = ("torch", "cpu")
+
+
+def unsupported_reason(backend: str, q: Tensor) -> str | None:
+    """Why `backend` cannot take these (already validated) inputs, or None."""
+    head_dim = q.shape[-1]
+    if backend == "torch":
+        return None
+    if q.dtype not in FLOAT_DTYPES:
+        return f"{backend} supports float32, float16 and bfloat16, got {q.dtype}"
+    if backend == "triton" and head_dim > MAX_TRITON_HEAD_DIM:
+        return f"triton supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}"
+    if backend == "cuda":
+        if q.dtype == torch.float32:
+            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
+        if head_dim > MAX_CUDA_HEAD_DIM:
+            return f"cuda supports head dims up to {MAX_CUDA_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def _run_forward(backend: str, q, k, v, kv_mask, scale):
+    if backend == "torch":
+        return reference.cross_attention_forward(q, k, v, kv_mask, scale)
+    if backend == "triton":
+        from vlfast.kernels import cross_attention as triton_kernels
+
+        return triton_kernels.cross_attention_forward(q, k, v, kv_mask, scale)
+    return torch.ops.vlfast_C.cross_attention_forward(q, k, v, kv_mask, scale)
+
+
+def _run_backward(backend: str, dout, q, k, v, kv_mask, out, lse, scale):
+    if backend == "torch":
+        return reference.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
+    if backend == "triton":
+        from vlfast.kernels import cross_attention as triton_kernels
+
+        return triton_kernels.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
+    return torch.ops.vlfast_C.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
+
+
+@torch.library.custom_op("vlfast::cross_attention_fwd", mutates_args=())
+def cross_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) for contiguous inputs on the named backend; see `cross_attention`."""
+    return _run_forward(backend, q, k, v, kv_mask, scale)
+
+
+@cross_attention_fwd.register_fake
+def _(q, k, v, kv_mask, scale, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vlfast::cross_attention_bwd", mutates_args=())
+def cross_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None,
+    out: Tensor, lse: Tensor, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) on the named backend."""
+    return _run_backward(backend, dout.contiguous(), q, k, v, kv_mask, out, lse, scale)
+
+
+@cross_attention_bwd.register_fake
+def _(dout, q, k, v, kv_mask, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_mask, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, kv_mask, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, kv_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = cross_attention_bwd(dout, q, k, v, kv_mask, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """softmax(scale * q k^T, keys with kv_mask False excluded) v.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); kv_mask: optional (B, Lk) bool, True = attend.
+    scale defaults to D ** -0.5. A query whose keys are all masked gets zeros (and zero gradients).
+    Differentiable in q, k and v. backend: 'triton', 'cuda', 'cpu', 'torch' or 'auto' (default:
+    the one set by `vlfast.ops.use_backend`, else automatic).
+    """
+    check_tensor("q", q, ndim=4, names="(B, H, Lq, D)")
+    check_tensor("k", k, ndim=4, names="(B, H, Lk, D)", dtype=q.dtype)
+    check_tensor("v", v, ndim=4, names="(B, H, Lk, D)", dtype=q.dtype)
+    check_same_device(q=q, k=k, v=v, kv_mask=kv_mask)
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(f"k must have shape ({batch}, {heads}, Lk, {head_dim}) to match q, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if min(q.shape) == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k need non-empty dims, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if kv_mask is not None:
+        check_tensor("kv_mask", kv_mask, ndim=2, names="(B, Lk)", dtype=torch.bool)
+        if tuple(kv_mask.shape) != (batch, k.shape[2]):
+            raise ValueError(f"kv_mask must have shape (B, Lk) = ({batch}, {k.shape[2]}), got {tuple(kv_mask.shape)}")
+        kv_mask = kv_mask.contiguous()
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    chosen = resolve_backend(
+        "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), CPU_PREFERENCE
+    )
+    out, _ = cross_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_mask, scale, chosen)
+    return out
