@@ -33,3 +33,11 @@ def extension_status() -> ExtensionStatus:
         )
     archs = tuple(a for a in _C.cuda_archs.split(";") if a)
     return ExtensionStatus(True, "", archs)
+
+
+def cpp_ops():
+    """torch.ops.vlfast_C, the C++/CUDA kernels; raises if the extension cannot be used."""
+    status = extension_status()
+    if not status.loaded:
+        raise RuntimeError(status.reason)
+    return torch.ops.vlfast_C

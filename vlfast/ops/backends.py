@@ -43,7 +43,10 @@ def _check_name(name: str) -> None:
         raise ValueError(f"backend must be one of {(AUTO, *BACKENDS)}, got {name!r}")
 
 
+# Read once: both are fixed for the life of the process, and constants keep torch.compile tracing
+# the backend choice without graph breaks.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+EXTENSION = extension_status()
 
 
 def triton_device_reason(device: torch.device) -> str | None:
@@ -57,10 +60,9 @@ def triton_device_reason(device: torch.device) -> str | None:
 
 def extension_device_reason(device: torch.device) -> str | None:
     """The C++ kernels: `cpu` on CPU tensors, `cuda` on CUDA tensors when built with CUDA."""
-    status = extension_status()
-    if not status.loaded:
-        return status.reason
-    if device.type == "cuda" and not status.has_cuda_kernels:
+    if not EXTENSION.loaded:
+        return EXTENSION.reason
+    if device.type == "cuda" and not EXTENSION.has_cuda_kernels:
         return "vlfast._C was built without CUDA kernels (see `python -m vlfast.info`)"
     return None
 

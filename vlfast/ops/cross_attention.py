@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlfast._extension import cpp_ops
 from vlfast.ops import reference
 from vlfast.ops.backends import resolve_backend
 from vlfast.ops.checks import check_same_device, check_tensor
@@ -46,7 +47,7 @@ def _run_forward(backend: str, q, k, v, kv_mask, scale):
         from vlfast.kernels import cross_attention as triton_kernels
 
         return triton_kernels.cross_attention_forward(q, k, v, kv_mask, scale)
-    return torch.ops.vlfast_C.cross_attention_forward(q, k, v, kv_mask, scale)
+    return cpp_ops().cross_attention_forward(q, k, v, kv_mask, scale)
 
 
 def _run_backward(backend: str, dout, q, k, v, kv_mask, out, lse, scale):
@@ -56,7 +57,7 @@ def _run_backward(backend: str, dout, q, k, v, kv_mask, out, lse, scale):
         from vlfast.kernels import cross_attention as triton_kernels
 
         return triton_kernels.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
-    return torch.ops.vlfast_C.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
+    return cpp_ops().cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
 
 
 @torch.library.custom_op("vlfast::cross_attention_fwd", mutates_args=())

@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def _masked_logits(q: Tensor, k: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if kv_mask is not None:
         logits = logits.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
     return logits
@@ -50,11 +50,14 @@ def cross_attention_backward(
 def cross_attention_autograd(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None = None, scale: float | None = None
 ) -> Tensor:
-    """The oracle for tests: the textbook formula, differentiated by autograd, zeros for rows with
-    no visible key."""
+    """The oracle for tests: the textbook formula in the inputs' dtype, differentiated by autograd.
+    Rows with no visible key get zeros and zero gradients."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if kv_mask is not None:
-        logits = logits.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    if kv_mask is None:
+        return torch.matmul(torch.softmax(logits, dim=-1), v)
+    logits = logits.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
+    has_keys = kv_mask.any(dim=-1)[:, None, None, None]
+    # Finite logits on empty rows keep softmax and its gradient free of NaN; the product zeroes them.
+    probs = torch.softmax(torch.where(has_keys, logits, 0.0), dim=-1) * has_keys
     return torch.matmul(probs, v)
