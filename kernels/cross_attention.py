@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlfast.kernels.utils import new_output
+from vlfast.kernels.utils import KernelSpec, new_output, pointer_type
 
 
 @triton.jit
@@ -147,8 +147,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launch_config(q: torch.Tensor, kv_len: int) -> dict:
-    """Block sizes and dot options for a problem; shared by the launchers and the static report."""
+def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -> dict:
+    """Block sizes and dot options for a problem; shared by the launchers and the static report
+    (which compiles for a GPU, so passes interpret=False)."""
+    interpret = interpreting() if interpret is None else interpret
     q_len, head_dim = q.shape[2], q.shape[3]
     block_d = max(16, triton.next_power_of_2(head_dim))
     return {
@@ -157,10 +159,39 @@ def launch_config(q: torch.Tensor, kv_len: int) -> dict:
         "BLOCK_N": 64 if block_d <= 64 else 32,
         "BLOCK_D": block_d,
         # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
-        "DOT_FP32": q.dtype == torch.bfloat16 and interpreting(),
+        "DOT_FP32": q.dtype == torch.bfloat16 and interpret,
         # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
         "PRECISION": "tf32x3" if q.dtype == torch.float32 else "tf32",
     }
+
+
+def report_specs() -> list[KernelSpec]:
+    """The compiled variants the static GPU report checks: the Q-Former shape in each dtype, the
+    largest head dim, and a long query sequence (atomic dK / dV)."""
+    problems = [  # (B, H, Lq, Lk, D, dtype)
+        (32, 12, 32, 257, 64, torch.float16),
+        (32, 12, 32, 257, 64, torch.bfloat16),
+        (32, 12, 32, 257, 64, torch.float32),
+        (32, 12, 32, 257, 128, torch.float16),
+        (8, 12, 256, 257, 64, torch.float16),
+    ]
+    specs = []
+    for b, h, lq, lk, d, dtype in problems:
+        q = torch.empty(b, h, lq, d, dtype=dtype, device="meta")
+        cfg = launch_config(q, lk, interpret=False)
+        label = f"B={b} H={h} Lq={lq} Lk={lk} D={d} {str(dtype).removeprefix('torch.')}"
+        t, scalars = pointer_type(dtype), {"heads": "i32", "q_len": "i32", "kv_len": "i32", "head_dim": "i32",
+                                           "scale": "fp32"}
+        fwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, lse_ptr="*fp32")
+        specs.append(KernelSpec(cross_attention_fwd_kernel, {**fwd_ptrs, **scalars},
+                                {"HAS_MASK": True, **cfg}, num_warps=4, label=label))
+        atomic = triton.cdiv(lq, cfg["BLOCK_M"]) > 1
+        grad_kv = "*fp32" if atomic else t
+        bwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, dout_ptr=t, lse_ptr="*fp32",
+                        dq_ptr=t, dk_ptr=grad_kv, dv_ptr=grad_kv)
+        specs.append(KernelSpec(cross_attention_bwd_kernel, {**bwd_ptrs, **scalars},
+                                {"HAS_MASK": True, "ATOMIC_KV": atomic, **cfg}, num_warps=4, label=label))
+    return specs
 
 
 def _mask_arg(kv_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -24,3 +25,22 @@ def poisoned_outputs() -> Iterator[None]:
         yield
     finally:
         _poison = previous
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled variant of a Triton kernel, for the ahead-of-time GPU report."""
+
+    fn: Callable
+    signature: dict[str, str]  # runtime argument -> Triton type ("*fp16", "i32", ...)
+    constexprs: dict[str, object]
+    num_warps: int
+    label: str  # the problem it is configured for
+    num_stages: int | None = None  # None: Triton's default
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def pointer_type(dtype: torch.dtype) -> str:
+    return "*" + _TRITON_TYPES[dtype]

@@ -1,0 +1,48 @@
+"""The static GPU report: every kernel compiles for sm_80 / sm_90 without spills, and every matrix
+kernel runs its products on tensor cores."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlfast.kernels import report
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[report.KernelResources]:
+    # Compiling for a GPU needs real @triton.jit functions: run without the interpreter.
+    path = tmp_path_factory.mktemp("report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "vlfast.kernels.report", "--json", str(path)],
+                          env=env, capture_output=True, text=True)
+    assert path.exists(), done.stderr[-3000:]
+    return [report.KernelResources(**row) for row in json.loads(path.read_text())]
+
+
+def test_triton_kernels_have_no_spills_and_use_tensor_cores(rows):
+    triton_rows = [r for r in rows if r.source == "triton"]
+    assert {r.arch for r in triton_rows} == set(report.ARCHS)
+    assert {r.kernel for r in triton_rows} >= {"cross_attention_fwd_kernel", "cross_attention_bwd_kernel"}
+    assert report.problems(triton_rows) == []
+    assert all(0 < r.registers <= 255 for r in triton_rows)
+
+
+def test_cuda_kernels_have_no_spills_and_use_tensor_cores(rows):
+    if report.extension_library() is None:
+        pytest.skip("vlfast._C was built without CUDA kernels (VLFAST_SKIP_CUDA_BUILD or no nvcc)")
+    cuda_rows = [r for r in rows if r.source == "cuda"]
+    assert {r.kernel for r in cuda_rows} >= {"cross_attention_forward_kernel", "cross_attention_backward_kernel"}
+    assert report.problems(cuda_rows) == []
+
+
+def test_problems_flags_spills_and_missing_tensor_cores(rows):
+    good = rows[0]
+    spilled = report.KernelResources(**{**good.__dict__, "local_bytes": 64})
+    scalar = report.KernelResources(**{**good.__dict__, "hmma": 0, "hgmma": 0})
+    found = report.problems([good, spilled, scalar])
+    assert len(found) == 2
+    assert "register spills" in found[0] and "without tensor-core" in found[1]
