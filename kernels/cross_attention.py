@@ -16,7 +16,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from vlfast.kernels.utils import KernelSpec, new_output, pointer_type
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
 from vlfast.kernels import cross_attention
 from vlfast.kernels.utils import KernelSpec
 
@@ -79,7 +78,8 @@ def compile_triton(op: str, spec: KernelSpec, arch: int) -> KernelResources:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        reg, stack, static_shared, local = map(int, _RESOURCES.search(_run("--dump-resource-usage", cubin.name)).groups())
+        usage = _run("--dump-resource-usage", cubin.name)
+        reg, stack, static_shared, local = map(int, _RESOURCES.search(usage).groups())
         hmma, hgmma = _count_tensor_core(_run("--dump-sass", cubin.name))
     name = spec.fn.__name__
     config = ", ".join(f"{k}={v}" for k, v in spec.constexprs.items()) + f", warps={spec.num_warps}"
@@ -135,7 +135,7 @@ def cuda_report(library: str) -> list[KernelResources]:
             body.append(line)
     report = []
     for (arch, name), demangled, (reg, stack, shared, local) in zip(
-        mangled, _demangle([n for _, n in mangled]), resources
+        mangled, _demangle([n for _, n in mangled]), resources, strict=True
     ):
         kernel, params = _short_cuda_name(demangled)
         op = kernel.removesuffix("_kernel").removesuffix("_forward").removesuffix("_backward")
@@ -169,7 +169,8 @@ def problems(rows: list[KernelResources]) -> list[str]:
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = f"{'source':6} {'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>7} {'HMMA':>5} {'HGMMA':>5}  config"
+    header = (f"{'source':6} {'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>7} "
+              f"{'HMMA':>5} {'HGMMA':>5}  config")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

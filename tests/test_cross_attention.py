@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import assert_close_to_reference
+from vlfast.kernels.utils import poisoned_outputs
 
 import vlfast
-from vlfast.kernels.utils import poisoned_outputs
+from tests.tolerance import assert_close_to_reference
 from vlfast.ops import BackendUnsupportedError, cross_attention, use_backend
 from vlfast.ops.reference import cross_attention_autograd
 
@@ -55,7 +55,7 @@ def test_matches_float64_reference(backend, dtype, shape, masked):
         )
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
-    for name, got, ref, plain in zip(("dq", "dk", "dv"), grads, ref_grads, plain_grads):
+    for name, got, ref, plain in zip(("dq", "dk", "dv"), grads, ref_grads, plain_grads, strict=True):
         assert got.dtype == dtype
         assert_close_to_reference(name, got, ref, plain, factor=3)
 

@@ -38,5 +38,5 @@ def test_compiles_without_graph_breaks(backend):
     expected = torch.nn.functional.gelu(cross_attention_autograd(q * 2.0, k, v, mask)).sum()
     expected.backward()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    for got, t in zip(grads, (q, k, v)):
+    for got, t in zip(grads, (q, k, v), strict=True):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)

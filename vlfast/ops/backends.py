@@ -21,6 +21,15 @@ AUTO = "auto"
 
 _default_backend = AUTO
 
+# op name -> backend -> what that backend supports, filled in by each op's module; read by
+# `python -m vlfast.info`.
+OP_SUPPORT: dict[str, dict[str, str]] = {}
+
+
+def register_op(name: str, supports: dict[str, str]) -> None:
+    assert set(supports) == set(BACKENDS), f"{name} must describe every backend"
+    OP_SUPPORT[name] = supports
+
 
 class BackendUnsupportedError(RuntimeError):
     """The requested backend cannot run this input; the message says why."""
@@ -105,3 +114,20 @@ def resolve_backend(
         f"vlfast.ops.{op}: no backend can run this input: "
         + "; ".join(f"{b}: {reason(b)}" for b in order)
     )
+
+
+def machine_reason(backend: str) -> str | None:
+    """Why `backend` cannot run at all on this machine, or None."""
+    has_gpu = torch.cuda.is_available()
+    if backend == "triton":
+        if has_gpu or TRITON_INTERPRET:
+            return None
+        return "no CUDA device (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for testing)"
+    if backend in ("cpu", "cuda") and not EXTENSION.loaded:
+        return EXTENSION.reason
+    if backend == "cuda":
+        if not EXTENSION.has_cuda_kernels:
+            return "vlfast._C was built without CUDA kernels"
+        if not has_gpu:
+            return f"built for sm_{', sm_'.join(EXTENSION.cuda_archs)} but there is no CUDA device"
+    return None

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from vlfast._extension import cpp_ops
 from vlfast.ops import reference
-from vlfast.ops.backends import resolve_backend
+from vlfast.ops.backends import register_op, resolve_backend
 from vlfast.ops.checks import check_same_device, check_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,6 +21,14 @@ MAX_CUDA_HEAD_DIM = 128
 # Fastest first on CPU tensors, as measured by benchmarks/test_cross_attention.py at the Q-Former
 # shape (the C++ kernel is scalar code, torch's batched matmuls are not).
 CPU_PREFERENCE = ("torch", "cpu")
+
+
+register_op("cross_attention", {
+    "triton": f"fp32 (3-pass tf32), fp16, bf16; head dim <= {MAX_TRITON_HEAD_DIM}; CUDA tensors",
+    "cuda": f"fp16, bf16 on tensor cores (sm_80+); head dim <= {MAX_CUDA_HEAD_DIM}; CUDA tensors",
+    "cpu": "fp32, fp16, bf16 (computed in fp32); CPU tensors",
+    "torch": "any floating dtype and device (the reference)",
+})
 
 
 def unsupported_reason(backend: str, q: Tensor) -> str | None:

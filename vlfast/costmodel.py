@@ -1,0 +1,117 @@
+"""Projected GPU time from counted bytes and FLOPs (no GPU is measured here).
+
+A kernel's time is projected as max(bytes moved / bandwidth, FLOPs / matrix rate); a chain of
+kernels as the sum of its kernels' times. The floor of an op is the same formula applied to the
+bytes it must move (one read of each input, one write of each output) and the FLOPs it must do.
+Launch latency, occupancy and tail effects are not modelled: these are projections, labelled so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    bandwidth: float  # bytes/s, read + write
+    matrix_flops: float  # dense 16-bit matrix FLOP/s
+
+
+# SPEC.md section 8: H100 copy bandwidth as measured on a machine of this workplace; A100 datasheet.
+H100 = Hardware("H100 SXM", 3.0e12, 800e12)
+A100 = Hardware("A100 80GB", 2.0e12, 312e12)
+
+
+@dataclass(frozen=True)
+class Cost:
+    bytes: float
+    flops: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.bytes + other.bytes, self.flops + other.flops)
+
+    def seconds(self, hw: Hardware) -> float:
+        return max(self.bytes / hw.bandwidth, self.flops / hw.matrix_flops)
+
+
+def chain_seconds(kernels: list[Cost], hw: Hardware) -> float:
+    return sum(k.seconds(hw) for k in kernels)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    itemsize: int = 2  # bytes per element of q, k, v, out
+    masked: bool = True
+
+    @property
+    def bh(self) -> int:
+        return self.batch * self.heads
+
+    def elements(self, length: int) -> int:
+        return self.bh * length * self.head_dim
+
+
+def cross_attention_floor(s: AttentionShape, backward: bool = False) -> Cost:
+    """One read of every input and one write of every output; the unpadded matrix FLOPs
+    (forward: q k^T and p v; backward: recomputed q k^T, then dp, dv, dk, dq)."""
+    e = s.itemsize
+    mask = s.batch * s.kv_len if s.masked else 0
+    if not backward:
+        return Cost(e * (2 * s.elements(s.q_len) + 2 * s.elements(s.kv_len)) + 4 * s.bh * s.q_len + mask,
+                    4.0 * s.bh * s.q_len * s.kv_len * s.head_dim)
+    reads = e * (3 * s.elements(s.q_len) + 2 * s.elements(s.kv_len)) + 4 * s.bh * s.q_len + mask  # q do o k v lse
+    writes = e * (s.elements(s.q_len) + 2 * s.elements(s.kv_len))  # dq dk dv
+    return Cost(reads + writes, 10.0 * s.bh * s.q_len * s.kv_len * s.head_dim)
+
+
+def cross_attention_triton(s: AttentionShape, block_m: int, block_n: int, block_d: int,
+                           backward: bool = False) -> Cost:
+    """What the Triton kernels move and compute with their block sizes: K and V (and the mask) are
+    read once per query block, and tensor-core FLOPs are spent on whole (padded) tiles."""
+    q_blocks = triton.cdiv(s.q_len, block_m)
+    padded_flops = s.bh * q_blocks * block_m * triton.cdiv(s.kv_len, block_n) * block_n * block_d
+    e = s.itemsize
+    mask = q_blocks * s.bh * s.kv_len if s.masked else 0
+    kv_reads = q_blocks * e * 2 * s.elements(s.kv_len)
+    if not backward:
+        return Cost(e * 2 * s.elements(s.q_len) + 4 * s.bh * s.q_len + kv_reads + mask, 4.0 * padded_flops)
+    q_side = e * 4 * s.elements(s.q_len) + 4 * s.bh * s.q_len  # read q do o lse, write dq
+    if q_blocks == 1:
+        kv_writes = e * 2 * s.elements(s.kv_len)
+    else:  # fp32 atomics: read-modify-write per query block, then a cast pass
+        kv_writes = q_blocks * 8 * 2 * s.elements(s.kv_len) + (4 + e) * 2 * s.elements(s.kv_len)
+    return Cost(q_side + kv_reads + mask + kv_writes, 10.0 * padded_flops)
+
+
+def cross_attention_eager(s: AttentionShape, backward: bool = False) -> list[Cost]:
+    """The kernels of the unfused PyTorch chain `softmax((q @ k^T) * scale masked) @ v` and its
+    autograd backward, each reading its inputs and writing its output in the input dtype."""
+    e = s.itemsize
+    scores = e * s.bh * s.q_len * s.kv_len
+    q, kv = e * s.elements(s.q_len), e * s.elements(s.kv_len)
+    mm = 2.0 * s.bh * s.q_len * s.kv_len * s.head_dim
+    forward = [
+        Cost(q + kv + scores, mm),  # q @ k^T
+        Cost(2 * scores, 0),  # * scale
+        *([Cost(2 * scores + s.batch * s.kv_len, 0)] if s.masked else []),  # masked_fill
+        Cost(2 * scores, 0),  # softmax
+        Cost(scores + kv + q, mm),  # p @ v
+    ]
+    if not backward:
+        return forward
+    return [
+        Cost(q + kv + scores, mm),  # dp = do @ v^T
+        Cost(scores + q + kv, mm),  # dv = p^T @ do
+        Cost(3 * scores, 0),  # softmax backward: reads p, dp; writes ds
+        *([Cost(2 * scores + s.batch * s.kv_len, 0)] if s.masked else []),  # masked_fill backward
+        Cost(2 * scores, 0),  # * scale backward
+        Cost(scores + kv + q, mm),  # dq = ds @ k
+        Cost(scores + q + kv, mm),  # dk = ds^T @ q
+    ]
