@@ -81,6 +81,7 @@ def extension_modules():
     defines = [
         f'-DVLFAST_TORCH_VERSION="{torch.__version__}"',
         f'-DVLFAST_CUDA_ARCHS="{built_archs}"',
+        f'-DVLFAST_NO_CUDA_REASON="{why_no_cuda or ""}"',
     ]
     cxx_flags = ["-O3", "-fopenmp", *defines]
     include_dirs = [str(ROOT / "csrc")]

@@ -35,5 +35,6 @@ PyMODINIT_FUNC PyInit__C() {
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "torch_version", VLFAST_TORCH_VERSION);
   PyModule_AddStringConstant(module, "cuda_archs", VLFAST_CUDA_ARCHS);
+  PyModule_AddStringConstant(module, "no_cuda_reason", VLFAST_NO_CUDA_REASON);
   return module;
 }

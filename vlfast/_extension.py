@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ class ExtensionStatus:
     loaded: bool
     reason: str  # why it is not loaded; empty when it is
     cuda_archs: tuple[str, ...] = ()  # compute capabilities the CUDA kernels were built for
+    no_cuda_reason: str = ""  # why the build skipped the CUDA kernels
 
     @property
     def has_cuda_kernels(self) -> bool:
@@ -32,7 +34,11 @@ def extension_status() -> ExtensionStatus:
             "running; rebuild with `pip install --no-build-isolation -e .`",
         )
     archs = tuple(a for a in _C.cuda_archs.split(";") if a)
-    return ExtensionStatus(True, "", archs)
+    status = ExtensionStatus(True, "", archs, _C.no_cuda_reason)
+    if torch.cuda.is_available() and not archs:
+        warnings.warn(f"vlfast._C has no CUDA kernels ({status.no_cuda_reason}); "
+                      "the cuda backend is unavailable", stacklevel=2)
+    return status
 
 
 def cpp_ops():

@@ -27,7 +27,7 @@ def report() -> str:
     ]
     if EXTENSION.loaded:
         kernels = (f"CPU and CUDA kernels for sm_{', sm_'.join(EXTENSION.cuda_archs)}"
-                   if EXTENSION.has_cuda_kernels else "CPU kernels only (built without CUDA)")
+                   if EXTENSION.has_cuda_kernels else f"CPU kernels only (no CUDA: {EXTENSION.no_cuda_reason})")
         lines.append(f"extension vlfast._C: built, {kernels}")
     else:
         lines.append(f"extension vlfast._C: unavailable: {EXTENSION.reason}")

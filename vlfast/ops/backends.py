@@ -127,7 +127,7 @@ def machine_reason(backend: str) -> str | None:
         return EXTENSION.reason
     if backend == "cuda":
         if not EXTENSION.has_cuda_kernels:
-            return "vlfast._C was built without CUDA kernels"
+            return f"vlfast._C was built without CUDA kernels ({EXTENSION.no_cuda_reason})"
         if not has_gpu:
             return f"built for sm_{', sm_'.join(EXTENSION.cuda_archs)} but there is no CUDA device"
     return None
