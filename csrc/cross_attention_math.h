@@ -8,11 +8,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define VLFAST_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define VLFAST_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace vlfast {
 namespace attention_math {

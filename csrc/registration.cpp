@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cross_attention.h"
+#include "memvp_memory.h"
 
 TORCH_LIBRARY(vlfast_C, m) {
   m.def(
@@ -12,11 +13,19 @@ TORCH_LIBRARY(vlfast_C, m) {
   m.def(
       "cross_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? kv_mask,"
       " Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "memvp_memory_forward(Tensor x, Tensor z, Tensor key_pos, Tensor value_pos, float scale,"
+      " float dropout_p, int seed) -> Tensor");
+  m.def(
+      "memvp_memory_backward(Tensor dout, Tensor x, Tensor z, Tensor key_pos, Tensor value_pos,"
+      " float scale, float dropout_p, int seed) -> (Tensor dx, Tensor dz, Tensor dkey_pos, Tensor dvalue_pos)");
 }
 
 TORCH_LIBRARY_IMPL(vlfast_C, CPU, m) {
   m.impl("cross_attention_forward", &vlfast::cross_attention_forward_cpu);
   m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cpu);
+  m.impl("memvp_memory_forward", &vlfast::memvp_memory_forward_cpu);
+  m.impl("memvp_memory_backward", &vlfast::memvp_memory_backward_cpu);
 }
 
 #ifdef VLFAST_WITH_CUDA

@@ -11,12 +11,10 @@ saves only the row log-sum-exp (+inf for a row with no visible key, whose output
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from vlfast.kernels.utils import KernelSpec, new_output, pointer_type
+from vlfast.kernels.utils import KernelSpec, interpreting, new_output, pointer_type, storage_dtype
 
 
 @triton.jit
@@ -142,21 +140,20 @@ def cross_attention_bwd_kernel(
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < head_dim))
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -> dict:
-    """Block sizes and dot options for a problem; shared by the launchers and the static report
-    (which compiles for a GPU, so passes interpret=False)."""
+    """Launch options for a problem; shared by the launchers and the static report (which
+    compiles for a GPU, so passes interpret=False). Chosen from the report: no spills on sm_80 and
+    sm_90 at the sizes it lists."""
     interpret = interpreting() if interpret is None else interpret
     q_len, head_dim = q.shape[2], q.shape[3]
     block_d = max(16, triton.next_power_of_2(head_dim))
+    narrow = q.element_size() == 2 and block_d <= 64
     return {
-        # One query block covers the Q-Former's 32 queries; longer sequences tile by 64.
-        "BLOCK_M": min(64, max(16, triton.next_power_of_2(q_len))),
-        "BLOCK_N": 64 if block_d <= 64 else 32,
+        # One query block covers the Q-Former's 32 queries; longer sequences tile by 32.
+        "BLOCK_M": min(32, max(16, triton.next_power_of_2(q_len))),
+        "BLOCK_N": 64 if narrow else 32,
         "BLOCK_D": block_d,
+        "num_warps": 4 if narrow else 8,
         # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
         "DOT_FP32": q.dtype == torch.bfloat16 and interpret,
         # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
@@ -178,18 +175,19 @@ def report_specs() -> list[KernelSpec]:
     for b, h, lq, lk, d, dtype in problems:
         q = torch.empty(b, h, lq, d, dtype=dtype, device="meta")
         cfg = launch_config(q, lk, interpret=False)
+        warps = cfg.pop("num_warps")
         label = f"B={b} H={h} Lq={lq} Lk={lk} D={d} {str(dtype).removeprefix('torch.')}"
         t, scalars = pointer_type(dtype), {"heads": "i32", "q_len": "i32", "kv_len": "i32", "head_dim": "i32",
                                            "scale": "fp32"}
         fwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, lse_ptr="*fp32")
         specs.append(KernelSpec(cross_attention_fwd_kernel, {**fwd_ptrs, **scalars},
-                                {"HAS_MASK": True, **cfg}, num_warps=4, label=label))
+                                {"HAS_MASK": True, **cfg}, num_warps=warps, label=label))
         atomic = triton.cdiv(lq, cfg["BLOCK_M"]) > 1
         grad_kv = "*fp32" if atomic else t
         bwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, dout_ptr=t, lse_ptr="*fp32",
                         dq_ptr=t, dk_ptr=grad_kv, dv_ptr=grad_kv)
         specs.append(KernelSpec(cross_attention_bwd_kernel, {**bwd_ptrs, **scalars},
-                                {"HAS_MASK": True, "ATOMIC_KV": atomic, **cfg}, num_warps=4, label=label))
+                                {"HAS_MASK": True, "ATOMIC_KV": atomic, **cfg}, num_warps=warps, label=label))
     return specs
 
 
@@ -203,15 +201,15 @@ def cross_attention_forward(
     """Contiguous (B,H,L,D) q, k, v and optional (B,Lk) bool mask -> (out, fp32 lse (B,H,Lq))."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    out = new_output(q.shape, q.dtype, q.device)
+    out = new_output(q.shape, storage_dtype(q.dtype), q.device)
     lse = new_output((batch, heads, q_len), torch.float32, q.device)
     cfg = launch_config(q, kv_len)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
     cross_attention_fwd_kernel[grid](
         q, k, v, _mask_arg(kv_mask, q), out, lse, heads, q_len, kv_len, head_dim, scale,
-        HAS_MASK=kv_mask is not None, num_warps=4, **cfg,
+        HAS_MASK=kv_mask is not None, **cfg,
     )
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def cross_attention_backward(
@@ -223,16 +221,17 @@ def cross_attention_backward(
     cfg = launch_config(q, kv_len)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
     atomic_kv = grid[0] > 1  # several query blocks add into the same dK / dV rows
-    dq = new_output(q.shape, q.dtype, q.device)
+    written = storage_dtype(q.dtype)
+    dq = new_output(q.shape, written, q.device)
     if atomic_kv:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     else:
-        dk = new_output(k.shape, k.dtype, k.device)
-        dv = new_output(v.shape, v.dtype, v.device)
+        dk = new_output(k.shape, written, k.device)
+        dv = new_output(v.shape, written, v.device)
     cross_attention_bwd_kernel[grid](
         q, k, v, _mask_arg(kv_mask, q), out, dout, lse, dq, dk, dv,
         heads, q_len, kv_len, head_dim, scale,
-        HAS_MASK=kv_mask is not None, ATOMIC_KV=atomic_kv, num_warps=4, **cfg,
+        HAS_MASK=kv_mask is not None, ATOMIC_KV=atomic_kv, **cfg,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -22,11 +22,13 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vlfast.kernels import cross_attention
+from vlfast.kernels import cross_attention, memvp_memory
 from vlfast.kernels.utils import KernelSpec
 
 ARCHS = (80, 90)
-SPEC_SOURCES = {"cross_attention": cross_attention.report_specs}
+# Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
+MAX_SHARED_BYTES = {80: 166912, 90: 232448}
+SPEC_SOURCES = {"cross_attention": cross_attention.report_specs, "memvp_memory": memvp_memory.report_specs}
 _TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA)\b")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -39,8 +41,8 @@ class KernelResources:
     config: str
     arch: int
     registers: int
-    stack_bytes: int
-    local_bytes: int  # > 0 means register spills to local memory
+    stack_bytes: int  # > 0: a stack frame in local memory (ptxas puts register spills there)
+    local_bytes: int  # > 0: local memory (spills)
     shared_bytes: int
     hmma: int
     hgmma: int
@@ -157,24 +159,29 @@ def extension_library() -> str | None:
 
 
 def problems(rows: list[KernelResources]) -> list[str]:
-    """What a GPU reviewer would reject: spills, and matrix kernels off the tensor cores."""
+    """What a GPU reviewer would reject: spills, more shared memory than the GPU has, and matrix
+    kernels off the tensor cores."""
     found = []
     for r in rows:
         where = f"{r.source} {r.kernel} sm_{r.arch} ({r.config})"
-        if r.local_bytes > 0:
-            found.append(f"{where}: {r.local_bytes} bytes of local memory (register spills)")
+        if r.local_bytes > 0 or r.stack_bytes > 0:
+            found.append(f"{where}: {r.local_bytes} bytes of local memory and a {r.stack_bytes}-byte stack "
+                         "(register spills)")
+        if r.shared_bytes > MAX_SHARED_BYTES.get(r.arch, MAX_SHARED_BYTES[90]):
+            found.append(f"{where}: {r.shared_bytes} bytes of shared memory, more than sm_{r.arch} has")
         if r.matrix_kernel and r.tensor_core_instructions == 0:
             found.append(f"{where}: matrix products without tensor-core instructions")
     return found
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = (f"{'source':6} {'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>7} "
+    header = (f"{'source':6} {'kernel':34} {'arch':6} {'regs':>4} {'stack':>5} {'spill':>5} {'smem':>7} "
               f"{'HMMA':>5} {'HGMMA':>5}  config")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.source:6} {r.kernel:34} sm_{r.arch:<3} {r.registers:>4} {r.local_bytes:>5} {r.shared_bytes:>7} "
+            f"{r.source:6} {r.kernel:34} sm_{r.arch:<3} {r.registers:>4} {r.stack_bytes:>5} {r.local_bytes:>5} "
+            f"{r.shared_bytes:>7} "
             f"{r.hmma:>5} {r.hgmma:>5}  {r.config}"
         )
     return "\n".join(lines)

@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 _poison = False
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes a result of `dtype` in. Triton's interpreter converts fp32 to bf16
+    by truncation where GPUs round to nearest, so under it bf16 results are written in fp32 and
+    the launcher rounds them with torch (`.to(dtype)`, a no-op on GPUs)."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

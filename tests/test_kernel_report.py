@@ -38,10 +38,13 @@ def test_cuda_kernels_have_no_spills_and_use_tensor_cores(rows):
     assert report.problems(cuda_rows) == []
 
 
-def test_problems_flags_spills_and_missing_tensor_cores(rows):
+def test_problems_flags_spills_shared_memory_and_missing_tensor_cores(rows):
     good = rows[0]
     spilled = report.KernelResources(**{**good.__dict__, "local_bytes": 64})
+    stacked = report.KernelResources(**{**good.__dict__, "stack_bytes": 3712})
     scalar = report.KernelResources(**{**good.__dict__, "hmma": 0, "hgmma": 0})
-    found = report.problems([good, spilled, scalar])
-    assert len(found) == 2
-    assert "register spills" in found[0] and "without tensor-core" in found[1]
+    hungry = report.KernelResources(**{**good.__dict__, "shared_bytes": 400_000})
+    found = report.problems([good, spilled, stacked, scalar, hungry])
+    assert len(found) == 4
+    assert "register spills" in found[0] and "register spills" in found[1]
+    assert "without tensor-core" in found[2] and "more than sm_" in found[3]

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/vector_ops.h"
 #include "cross_attention.h"
 #include "cross_attention_math.h"
 
@@ -14,18 +15,6 @@ namespace {
 
 namespace math = attention_math;
 constexpr int64_t kKeyBlock = 64;
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
 
 struct Shape {
   int64_t batch, heads, q_len, kv_len, head_dim;

@@ -61,3 +61,80 @@ def cross_attention_autograd(
     # Finite logits on empty rows keep softmax and its gradient free of NaN; the product zeroes them.
     probs = torch.softmax(torch.where(has_keys, logits, 0.0), dim=-1) * has_keys
     return torch.matmul(probs, v)
+
+
+# --- memvp_memory ------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    """Dropout drops an element when the top 24 bits of its hash fall below this."""
+    return int(p * (1 << 24))
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """The dropout mask every backend draws: element i (row-major in `shape`) is kept unless the
+    top 24 bits of murmur3's finaliser applied to (i * 0x9E3779B1 + seed) mod 2^32 fall below
+    p * 2^24. Counter-based, so backward regenerates it from the seed and all backends agree."""
+    x = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64, device=device) & _MASK32
+    x = (x * 0x9E3779B1 + seed) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    x = x ^ (x >> 16)
+    return ((x >> 8) >= dropout_threshold(p)).view(shape)
+
+
+def _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_, z_ = x.to(compute), z.to(compute)
+    keys = z_ + key_pos.to(compute)
+    values = z_ + value_pos.to(compute)
+    pre = torch.matmul(x_, keys.transpose(-1, -2))  # (B, L, M)
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, tuple(pre.shape), dropout_p, x.device).to(compute) / (1.0 - dropout_p)
+    return x_, keys, values, pre, keep
+
+
+def memvp_memory_forward(
+    x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
+) -> Tensor:
+    _, _, values, pre, keep = _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed)
+    hidden = torch.nn.functional.silu(pre)
+    if keep is not None:
+        hidden = hidden * keep
+    return (scale * torch.matmul(hidden, values)).to(x.dtype)
+
+
+def memvp_memory_backward(
+    dout: Tensor, x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor,
+    scale: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x_, keys, values, pre, keep = _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed)
+    do = dout.to(x_.dtype)
+    sig = torch.sigmoid(pre)
+    hidden = pre * sig
+    dhidden = scale * torch.matmul(do, values.transpose(-1, -2))
+    dpre = dhidden * sig * (1 + pre * (1 - sig))  # silu'(a) = s (1 + a (1 - s))
+    if keep is not None:
+        hidden, dpre = hidden * keep, dpre * keep
+    dx = torch.matmul(dpre, keys)
+    dkeys = torch.matmul(dpre.transpose(-1, -2), x_)  # (B, M, D)
+    dvalues = scale * torch.matmul(hidden.transpose(-1, -2), do)
+    return (dx.to(x.dtype), (dkeys + dvalues).to(z.dtype), dkeys.sum(0).to(key_pos.dtype),
+            dvalues.sum(0).to(value_pos.dtype))
+
+
+def memvp_memory_autograd(
+    x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float = 1.0,
+    keep_mask: Tensor | None = None, dropout_p: float = 0.0,
+) -> Tensor:
+    """The oracle: the textbook formula in the inputs' dtype, differentiated by autograd, with an
+    explicit dropout keep mask (B, L, M)."""
+    hidden = torch.nn.functional.silu(torch.matmul(x, (z + key_pos).transpose(-1, -2)))
+    if keep_mask is not None:
+        hidden = hidden * keep_mask / (1.0 - dropout_p)
+    return scale * torch.matmul(hidden, z + value_pos)

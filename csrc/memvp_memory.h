@@ -1,0 +1,28 @@
+// Declarations of the memvp_memory kernels behind the vlfast_C::memvp_memory_* ops.
+// x (B, L, D), z (B, M, D), key_pos and value_pos (M, D), all contiguous and of one dtype.
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace vlfast {
+
+at::Tensor memvp_memory_forward_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
+                                    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed);
+
+// Returns (dx, dz, dkey_pos, dvalue_pos).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
+    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed);
+
+#ifdef VLFAST_WITH_CUDA
+at::Tensor memvp_memory_forward_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
+                                     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cuda(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
+    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed);
+#endif
+
+}  // namespace vlfast

@@ -1,0 +1,275 @@
+"""MemVP's FFN memory in Triton: out = scale * dropout(silu(x K^T)) V, K = z + key_pos, V = z + value_pos.
+
+A one-head attention with SiLU instead of softmax. The forward is two chained matrix products per
+block of rows: the program accumulates the (rows x M) pre-activation over D in registers, applies
+SiLU and dropout there, and multiplies by V chunk by chunk of D, so the (B, L, M) activation never
+reaches memory. K and V are formed tile by tile from z and the shared position rows, never
+materialised. The whole memory (M <= 512, padded to a power of two) is held per program.
+
+The backward writes the dropped activation and the pre-activation gradient (B, L, M) once
+(`memvp_bwd_rows_kernel`, which also produces dx), then reduces over rows for dz, dkey_pos and
+dvalue_pos (`memvp_bwd_memory_kernel`), deterministically and without atomics.
+
+Dropout is counter-based (`dropout_factor`): the same hash as vlfast/ops/reference.py and
+csrc/memvp_math.h, so the mask is regenerated from the seed in backward and equal on all backends.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from vlfast.kernels.utils import KernelSpec, interpreting, new_output, pointer_type, storage_dtype
+
+MAX_MEMORY = 512
+
+
+@triton.jit
+def dropout_factor(seed, offsets, threshold, keep_scale):
+    """0 for a dropped element, keep_scale for a kept one; offsets index the (B, L, M) activation."""
+    x = offsets.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    x = x ^ (x >> 16)
+    return tl.where((x >> 8) >= threshold.to(tl.uint32), keep_scale, 0.0)
+
+
+@triton.jit
+def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.constexpr):
+    """A (BLOCK_M, BLOCK_D) tile of z[batch] + pos, zero outside (memory, dim), added in z's dtype
+    as the unfused op does (fp32 when the interpreter needs fp32 dot operands)."""
+    mask = (mem[:, None] < memory) & (cols[None, :] < dim)
+    offsets = mem[:, None] * dim + cols[None, :]
+    z = tl.load(z_ptr + batch * memory * dim + offsets, mask=mask, other=0.0)
+    pos = tl.load(pos_ptr + offsets, mask=mask, other=0.0)
+    if DOT_FP32:
+        return z.to(tl.float32) + pos.to(tl.float32)
+    return z + pos
+
+
+@triton.jit
+def _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+                    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """x[batch, rows] (z[batch] + key_pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M)."""
+    pre = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+                    mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        keys = _memory_rows(z_ptr, key_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        pre += tl.dot(x, tl.trans(keys), input_precision=PRECISION)
+    return pre
+
+
+@triton.jit
+def memvp_fwd_kernel(
+    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, out_ptr,
+    length, memory, dim, scale, keep_scale, seed, threshold,
+    DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mem = tl.arange(0, BLOCK_M)
+    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+    hidden = pre * tl.sigmoid(pre) * scale
+    if DROPOUT:
+        offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
+        hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
+    hidden = hidden.to(tl.float32 if DOT_FP32 else out_ptr.dtype.element_ty)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        values = _memory_rows(z_ptr, value_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        out = tl.dot(hidden, values, input_precision=PRECISION)
+        tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+
+
+@triton.jit
+def memvp_bwd_rows_kernel(
+    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, hidden_ptr, dpre_ptr, dx_ptr,
+    length, memory, dim, scale, keep_scale, seed, threshold,
+    DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per block of rows: hidden = dropout(silu(pre)) and dpre = dL/dpre (fp32, (B, L, M)), and dx."""
+    batch = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mem = tl.arange(0, BLOCK_M)
+    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+    dhidden = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        dout = tl.load(dout_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+                       mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
+        if DOT_FP32:
+            dout = dout.to(tl.float32)
+        values = _memory_rows(z_ptr, value_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        dhidden += tl.dot(dout, tl.trans(values), input_precision=PRECISION)
+    sig = tl.sigmoid(pre)
+    hidden = pre * sig
+    dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))
+    if DROPOUT:
+        offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
+        keep = dropout_factor(seed, offsets, threshold, keep_scale)
+        hidden = hidden * keep
+        dpre = dpre * keep
+    act_offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
+    act_mask = (rows[:, None] < length) & (mem[None, :] < memory)
+    tl.store(hidden_ptr + act_offsets, hidden, mask=act_mask)
+    tl.store(dpre_ptr + act_offsets, dpre, mask=act_mask)
+    dpre = dpre.to(tl.float32 if DOT_FP32 else dx_ptr.dtype.element_ty)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        keys = _memory_rows(z_ptr, key_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        dx = tl.dot(dpre, keys, input_precision=PRECISION)
+        tl.store(dx_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+
+
+@triton.jit
+def memvp_bwd_memory_kernel(
+    act_ptr, rows_ptr, dz_ptr, dpos_ptr,
+    batches, length, memory, dim, factor,
+    ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per (memory rows, D columns) tile, one side of the memory gradient: G_b = factor * act_b^T
+    rows_b summed over the L rows, with (act, rows) = (dpre, x) for the keys and (hidden, dout)
+    for the values. dz_b = G_b (or += G_b when ACCUMULATE: the second side), dpos = sum_b G_b."""
+    mem = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_mask = (mem[:, None] < memory) & (cols[None, :] < dim)
+    dpos = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for batch in range(0, batches):
+        grad = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for l0 in range(0, length, BLOCK_L):
+            steps = l0 + tl.arange(0, BLOCK_L)
+            act = tl.load(act_ptr + (batch * length + steps[:, None]).to(tl.int64) * memory + mem[None, :],
+                          mask=(steps[:, None] < length) & (mem[None, :] < memory), other=0.0)
+            rows = tl.load(rows_ptr + (batch * length + steps[:, None]) * dim + cols[None, :],
+                           mask=(steps[:, None] < length) & (cols[None, :] < dim), other=0.0)
+            if DOT_FP32:
+                rows = rows.to(tl.float32)
+            else:
+                act = act.to(rows.dtype)
+            grad += tl.dot(tl.trans(act), rows, input_precision=PRECISION)
+        grad = grad * factor
+        dz_ptrs = dz_ptr + (batch * memory + mem[:, None]) * dim + cols[None, :]
+        if ACCUMULATE:
+            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=tile_mask, other=0.0) + grad, mask=tile_mask)
+        else:
+            tl.store(dz_ptrs, grad, mask=tile_mask)
+        dpos += grad
+    tl.store(dpos_ptr + mem[:, None] * dim + cols[None, :], dpos.to(dpos_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def max_memory(dtype: torch.dtype) -> int:
+    """Largest M the row kernels hold per program without spilling (static report, sm_80/sm_90)."""
+    return 128 if dtype == torch.float32 else 512
+
+
+def _dot_options(x: torch.Tensor, interpret: bool | None) -> dict:
+    interpret = interpreting() if interpret is None else interpret
+    return {
+        # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
+        "DOT_FP32": x.dtype == torch.bfloat16 and interpret,
+        # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
+        "PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
+    }
+
+
+def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
+    """Launch options of the row kernels: the whole memory per program; wide tiles (memory >= 256
+    16-bit or >= 128 fp32 elements) get 16 rows, 16-wide D chunks and 8 warps to stay in registers."""
+    block_m = max(16, triton.next_power_of_2(memory))
+    wide = block_m * x.element_size() >= 512
+    return {
+        "BLOCK_L": 16 if wide else 32,
+        "BLOCK_M": block_m,
+        "BLOCK_D": 16 if wide else 32,
+        "num_warps": 8 if wide else 4,
+        **_dot_options(x, interpret),
+    }
+
+
+def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict:
+    return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **_dot_options(x, interpret)}
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    from vlfast.ops.reference import dropout_threshold
+
+    return {"keep_scale": 1.0 / (1.0 - dropout_p), "seed": seed, "threshold": dropout_threshold(dropout_p)}
+
+
+def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+    batch, length, dim = x.shape
+    memory = z.shape[1]
+    out = new_output(x.shape, storage_dtype(x.dtype), x.device)
+    cfg = launch_config(x, memory)
+    grid = (triton.cdiv(length, cfg["BLOCK_L"]), batch)
+    memvp_fwd_kernel[grid](
+        x, z, key_pos, value_pos, out, length, memory, dim, scale, **_dropout_args(dropout_p, seed),
+        DROPOUT=dropout_p > 0, **cfg,
+    )
+    return out.to(x.dtype)
+
+
+def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int):
+    batch, length, dim = x.shape
+    memory = z.shape[1]
+    hidden = new_output((batch, length, memory), torch.float32, x.device)
+    dpre = new_output((batch, length, memory), torch.float32, x.device)
+    written = storage_dtype(x.dtype)
+    dx = new_output(x.shape, written, x.device)
+    cfg = launch_config(x, memory)
+    memvp_bwd_rows_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), batch)](
+        x, z, key_pos, value_pos, dout, hidden, dpre, dx, length, memory, dim, scale,
+        **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0, **cfg,
+    )
+    # dz = dK + dV is summed in fp32 over two launches (keys, then values) and rounded once.
+    dz = new_output(z.shape, torch.float32, z.device)
+    dkey_pos = new_output(key_pos.shape, written, key_pos.device)
+    dvalue_pos = new_output(value_pos.shape, written, value_pos.device)
+    mcfg = memory_kernel_config(x)
+    grid = (triton.cdiv(memory, mcfg["BLOCK_M"]), triton.cdiv(dim, mcfg["BLOCK_D"]))
+    for act, rows, dpos, factor, accumulate in ((dpre, x, dkey_pos, 1.0, False),
+                                                (hidden, dout, dvalue_pos, scale, True)):
+        memvp_bwd_memory_kernel[grid](act, rows, dz, dpos, batch, length, memory, dim, factor,
+                                      ACCUMULATE=accumulate, **mcfg)
+    return dx.to(x.dtype), dz.to(z.dtype), dkey_pos.to(key_pos.dtype), dvalue_pos.to(value_pos.dtype)
+
+
+def report_specs() -> list[KernelSpec]:
+    """LLaMA-7B's MemVP shape (D = 4096, L = 512, M = 320) in fp16 and bf16, a small memory
+    (M = 64), and fp32 at its largest memory (M = 128)."""
+    specs = []
+    for memory, dtype in ((320, torch.float16), (320, torch.bfloat16), (64, torch.float16),
+                          (128, torch.float32)):
+        x = torch.empty(1, 512, 4096, dtype=dtype, device="meta")
+        t = pointer_type(dtype)
+        label = f"L=512 M={memory} D=4096 {str(dtype).removeprefix('torch.')}"
+        scalars = {"length": "i32", "memory": "i32", "dim": "i32", "scale": "fp32", "keep_scale": "fp32",
+                   "seed": "i32", "threshold": "i32"}
+        cfg = launch_config(x, memory, interpret=False)
+        warps = cfg.pop("num_warps")
+        memory_cfg = memory_kernel_config(x, interpret=False)
+        memory_warps = memory_cfg.pop("num_warps")
+        rows = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t}
+        specs += [
+            KernelSpec(memvp_fwd_kernel, {**rows, "out_ptr": t, **scalars}, {"DROPOUT": True, **cfg}, warps, label),
+            KernelSpec(memvp_bwd_rows_kernel, {**rows, "dout_ptr": t, "hidden_ptr": "*fp32", "dpre_ptr": "*fp32",
+                                               "dx_ptr": t, **scalars}, {"DROPOUT": True, **cfg}, warps, label),
+            KernelSpec(memvp_bwd_memory_kernel, {
+                "act_ptr": "*fp32", "rows_ptr": t, "dz_ptr": "*fp32", "dpos_ptr": t, "batches": "i32",
+                "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},
+                {"ACCUMULATE": True, **memory_cfg}, memory_warps, label),
+        ]
+    return specs

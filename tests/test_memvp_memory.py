@@ -1,0 +1,144 @@
+"""memvp_memory on every backend that runs here, against a float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from vlfast.kernels.memvp_memory import max_memory
+from vlfast.kernels.utils import poisoned_outputs
+
+from tests.tolerance import assert_close_to_reference
+from vlfast.ops import BackendUnsupportedError, memvp_memory
+from vlfast.ops.reference import dropout_keep_mask, memvp_memory_autograd
+
+RUNNABLE_BACKENDS = ["triton", "cpu", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # (B, L, M, D)
+    (2, 7, 5, 24),
+    (1, 1, 1, 1),
+    (2, 33, 40, 64),  # ragged row block, memory padded to 64
+    (1, 19, 320, 48),  # LLaMA-7B's memory size, padded to 512
+    (3, 5, 17, 130),  # D not a multiple of the D chunk
+]
+SCALE = 0.7
+
+
+def make_inputs(shape):
+    b, length, m, d = shape
+    # Small magnitudes as in MemVP (z is scaled by 0.01, positions ~ N(0, 0.02)), but large enough
+    # for SiLU to be non-linear.
+    x = torch.randn(b, length, d, dtype=torch.float64)
+    z = torch.randn(b, m, d, dtype=torch.float64) / d**0.5
+    key_pos = torch.randn(m, d, dtype=torch.float64) / d**0.5
+    value_pos = torch.randn(m, d, dtype=torch.float64)
+    dout = torch.randn(b, length, d, dtype=torch.float64)
+    return (x, z, key_pos, value_pos), dout
+
+
+def forward_backward(fn, tensors, dout, dtype):
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def seed_of(generator_seed: int) -> int:
+    """The seed memvp_memory draws from a generator in this state."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+
+
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_matches_float64_reference(backend, dtype, shape, dropout_p):
+    tensors, dout = make_inputs(shape)
+    # The reference sees the same dtype-rounded inputs, so only the computation's error is compared.
+    tensors, dout = [t.to(dtype).double() for t in tensors], dout.to(dtype).double()
+    keep = dropout_keep_mask(seed_of(7), (shape[0], shape[1], shape[2]), dropout_p) if dropout_p else None
+
+    def oracle(*t):
+        return memvp_memory_autograd(*t, scale=SCALE, keep_mask=keep, dropout_p=dropout_p)
+
+    def kernel(*t):
+        return memvp_memory(*t, scale=SCALE, dropout_p=dropout_p, generator=torch.Generator().manual_seed(7),
+                            backend=backend)
+
+    if backend == "triton" and shape[2] > max_memory(dtype):
+        with pytest.raises(BackendUnsupportedError, match="whole memory per program"):
+            forward_backward(kernel, tensors, dout, dtype)
+        return
+    ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
+    plain_out, plain_grads = forward_backward(oracle, tensors, dout, dtype)
+    with poisoned_outputs():
+        out, grads = forward_backward(kernel, tensors, dout, dtype)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
+    names = ("dx", "dz", "dkey_pos", "dvalue_pos")
+    for name, got, ref, plain in zip(names, grads, ref_grads, plain_grads, strict=True):
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert_close_to_reference(name, got, ref, plain, factor=3)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
+def test_dropout_is_reproducible_from_the_generator(backend):
+    tensors, _ = make_inputs((2, 9, 6, 16))
+    tensors = [t.float() for t in tensors]
+
+    def run(seed):
+        return memvp_memory(*tensors, dropout_p=0.5, generator=torch.Generator().manual_seed(seed), backend=backend)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+def test_dropout_keep_rate_and_mask_agreement():
+    for p in (0.1, 0.5):
+        keep = dropout_keep_mask(seed_of(0), (4, 512, 512), p)
+        assert abs(keep.float().mean().item() - (1 - p)) < 3e-3
+    # Backends draw the same mask, so their dropped outputs agree with each other.
+    tensors, _ = make_inputs((2, 9, 6, 16))
+    tensors = [t.float() for t in tensors]
+    outs = [memvp_memory(*tensors, dropout_p=0.4, generator=torch.Generator().manual_seed(5), backend=b)
+            for b in RUNNABLE_BACKENDS]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(x=torch.randn(8, 16)), ValueError, "x must be 3-dimensional"),
+        (dict(z=torch.randn(3, 5, 16)), ValueError, "z must have shape (2, M, 16)"),
+        (dict(z=torch.randn(2, 5, 16, dtype=torch.float16)), TypeError, "z must have dtype torch.float32"),
+        (dict(key_pos=torch.randn(4, 16)), ValueError, "key_pos must have shape (M, D) = (5, 16)"),
+        (dict(value_pos=torch.randn(5, 15)), ValueError, "value_pos must have shape (M, D) = (5, 16)"),
+        (dict(value_pos="rows"), TypeError, "value_pos must be a torch.Tensor"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
+        (dict(key_pos=torch.randn(5, 16, device="meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, error, words):
+    args = dict(x=torch.randn(2, 3, 16), z=torch.randn(2, 5, 16), key_pos=torch.randn(5, 16),
+                value_pos=torch.randn(5, 16), dropout_p=0.0)
+    args.update(change)
+    with pytest.raises(error) as info:
+        memvp_memory(args["x"], args["z"], args["key_pos"], args["value_pos"], dropout_p=args["dropout_p"])
+    assert words in str(info.value)
+
+
+def test_backends_say_why_they_refuse():
+    x, z, kp, vp = torch.randn(1, 2, 8), torch.randn(1, 600, 8), torch.randn(600, 8), torch.randn(600, 8)
+    with pytest.raises(BackendUnsupportedError, match="M <= 128 for torch.float32, got 600"):
+        memvp_memory(x, z, kp, vp, backend="triton")
+    with pytest.raises(BackendUnsupportedError, match="M <= 512 for torch.float16, got 600"):
+        memvp_memory(x.half(), z.half(), kp.half(), vp.half(), backend="triton")
+    with pytest.raises(BackendUnsupportedError, match="CUDA tensors"):
+        memvp_memory(x, z, kp, vp, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_opcheck(backend):
+    tensors, _ = make_inputs((2, 5, 3, 16))
+    args = [t.float().requires_grad_() for t in tensors]
+    torch.library.opcheck(torch.ops.vlfast.memvp_memory_fwd.default, (*args, 0.5, 0.2, 123, backend))

@@ -1,0 +1,144 @@
+"""`memvp_memory`: MemVP's visual prompts as extra key/value rows of an FFN.
+
+out = scale * dropout(silu(x (z + key_pos)^T)) (z + value_pos), x (B, L, D), z (B, M, D),
+key_pos and value_pos (M, D). Same structure as cross_attention: checks, backend choice, and the
+custom ops `vlfast::memvp_memory_fwd` / `vlfast::memvp_memory_bwd` with autograd.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlfast._extension import cpp_ops
+from vlfast.ops import reference
+from vlfast.ops.backends import register_op, resolve_backend
+from vlfast.ops.checks import check_same_device, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DIM = 8192
+# Fastest first on CPU tensors (benchmarks/test_memvp_memory.py).
+CPU_PREFERENCE = ("torch", "cpu")
+
+register_op("memvp_memory", {
+    "triton": f"fp16, bf16 with M <= 512, fp32 with M <= 128; D <= {MAX_DIM}; CUDA tensors",
+    "cuda": "not written yet: use triton on GPUs",
+    "cpu": f"fp32, fp16, bf16 (computed in fp32); D <= {MAX_DIM}; CPU tensors",
+    "torch": "any floating dtype and device (the reference)",
+})
+
+
+def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        return "the memvp_memory CUDA kernels are not written yet; use triton on GPUs"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
+    if x.shape[-1] > MAX_DIM:
+        return f"{backend} supports D up to {MAX_DIM}, got {x.shape[-1]}"
+    if backend == "triton":
+        from vlfast.kernels.memvp_memory import max_memory
+
+        if z.shape[1] > max_memory(x.dtype):
+            return (f"triton holds the whole memory per program in registers: M <= {max_memory(x.dtype)} "
+                    f"for {x.dtype}, got {z.shape[1]}")
+    return None
+
+
+def _kernels(backend: str):
+    if backend == "torch":
+        return reference.memvp_memory_forward, reference.memvp_memory_backward
+    if backend == "triton":
+        from vlfast.kernels import memvp_memory as triton_kernels
+
+        return triton_kernels.memvp_memory_forward, triton_kernels.memvp_memory_backward
+    ops = cpp_ops()
+    return ops.memvp_memory_forward, ops.memvp_memory_backward
+
+
+@torch.library.custom_op("vlfast::memvp_memory_fwd", mutates_args=())
+def memvp_memory_fwd(
+    x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int,
+    backend: str,
+) -> Tensor:
+    """The forward on the named backend, for contiguous inputs; see `memvp_memory`."""
+    return _kernels(backend)[0](x, z, key_pos, value_pos, scale, dropout_p, seed)
+
+
+@memvp_memory_fwd.register_fake
+def _(x, z, key_pos, value_pos, scale, dropout_p, seed, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vlfast::memvp_memory_bwd", mutates_args=())
+def memvp_memory_bwd(
+    dout: Tensor, x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float,
+    seed: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dz, dkey_pos, dvalue_pos) on the named backend."""
+    return _kernels(backend)[1](dout.contiguous(), x, z, key_pos, value_pos, scale, dropout_p, seed)
+
+
+@memvp_memory_bwd.register_fake
+def _(dout, x, z, key_pos, value_pos, scale, dropout_p, seed, backend):
+    return torch.empty_like(x), torch.empty_like(z), torch.empty_like(key_pos), torch.empty_like(value_pos)
+
+
+def _setup_context(ctx, inputs, output):
+    x, z, key_pos, value_pos, scale, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, z, key_pos, value_pos)
+    ctx.args = (scale, dropout_p, seed, backend)
+
+
+def _backward(ctx, dout):
+    grads = memvp_memory_bwd(dout, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+memvp_memory_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def memvp_memory(
+    x: Tensor,
+    z: Tensor,
+    key_pos: Tensor,
+    value_pos: Tensor,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """scale * dropout(silu(x (z + key_pos)^T)) (z + value_pos), shape (B, L, D).
+
+    x: (B, L, D) FFN inputs; z: (B, M, D) per-sample visual prompts; key_pos, value_pos: (M, D)
+    shared learned rows. Dropout (probability dropout_p on the (B, L, M) activation) draws its
+    seed from `generator` (torch's default CPU generator when None): the same generator state gives
+    the same mask on every backend. Differentiable in x, z, key_pos and value_pos.
+    """
+    check_tensor("x", x, ndim=3, names="(B, L, D)")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_tensor("z", z, ndim=3, names="(B, M, D)", dtype=x.dtype)
+    check_tensor("key_pos", key_pos, ndim=2, names="(M, D)", dtype=x.dtype)
+    check_tensor("value_pos", value_pos, ndim=2, names="(M, D)", dtype=x.dtype)
+    check_same_device(x=x, z=z, key_pos=key_pos, value_pos=value_pos)
+    batch, length, dim = x.shape
+    memory = z.shape[1]
+    if z.shape[0] != batch or z.shape[2] != dim:
+        raise ValueError(f"z must have shape ({batch}, M, {dim}) to match x, got {tuple(z.shape)}")
+    for name, pos in (("key_pos", key_pos), ("value_pos", value_pos)):
+        if tuple(pos.shape) != (memory, dim):
+            raise ValueError(f"{name} must have shape (M, D) = ({memory}, {dim}), got {tuple(pos.shape)}")
+    if min(x.shape) == 0 or memory == 0:
+        raise ValueError(f"x and z need non-empty dims, got x {tuple(x.shape)} and z {tuple(z.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    chosen = resolve_backend(
+        "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), CPU_PREFERENCE
+    )
+    return memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),
+                            float(scale), float(dropout_p), seed, chosen)
