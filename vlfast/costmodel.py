@@ -115,3 +115,60 @@ def cross_attention_eager(s: AttentionShape, backward: bool = False) -> list[Cos
         Cost(scores + kv + q, mm),  # dq = ds @ k
         Cost(scores + q + kv, mm),  # dk = ds^T @ q
     ]
+
+
+@dataclass(frozen=True)
+class MemVPShape:
+    batch: int
+    length: int  # L, text tokens
+    memory: int  # M, memory rows (visual prompts + padding)
+    dim: int  # D, LLM width
+    itemsize: int = 2
+
+    def elements(self, rows: int) -> int:
+        return rows * self.dim
+
+
+def memvp_floor(s: MemVPShape) -> Cost:
+    """Forward: read x, z, key_pos, value_pos once, write out; 2 products of L x M x D."""
+    e = s.itemsize
+    moved = e * (2 * s.batch * s.elements(s.length) + s.batch * s.elements(s.memory) + 2 * s.elements(s.memory))
+    return Cost(moved, 4.0 * s.batch * s.length * s.memory * s.dim)
+
+
+def memvp_triton(s: MemVPShape, block_l: int, block_m: int) -> tuple[Cost, float]:
+    """The fused forward: x read and out written once; the memory rows z + key_pos and z + value_pos
+    are re-read by every block of rows. Assumed: those re-reads hit L2 (one sample's rows, 2 M D
+    elements plus the shared positions, are far below an H100's 50 MB L2 while its row blocks run),
+    so DRAM moves each once. FLOPs are spent on the memory padded to block_m. Returns the DRAM
+    cost and, for reference, the bytes read through L2."""
+    e = s.itemsize
+    row_blocks = triton.cdiv(s.length, block_l)
+    l2_bytes = s.batch * row_blocks * 4 * e * s.elements(s.memory)
+    return Cost(memvp_floor(s).bytes, 4.0 * s.batch * row_blocks * block_l * block_m * s.dim), l2_bytes
+
+
+def memvp_eager(s: MemVPShape, dropout: bool = True) -> list[Cost]:
+    """The unfused chain: K = z + key_pos, V = z + value_pos, a = x K^T, silu, dropout, h V, * scale."""
+    e = s.itemsize
+    x, mem, pos = s.batch * s.elements(s.length), s.batch * s.elements(s.memory), s.elements(s.memory)
+    act = s.batch * s.length * s.memory
+    mm = 2.0 * s.batch * s.length * s.memory * s.dim
+    return [
+        Cost(e * (2 * mem + pos), 0),  # K = z + key_pos
+        Cost(e * (2 * mem + pos), 0),  # V = z + value_pos
+        Cost(e * (x + mem + act), mm),  # x @ K^T
+        Cost(e * 2 * act, 0),  # silu
+        *([Cost(e * 2 * act + act, 0)] if dropout else []),  # dropout (writes a bool mask)
+        Cost(e * (act + mem + x), mm),  # h @ V
+        Cost(e * 2 * x, 0),  # * scale
+    ]
+
+
+def llm_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, memory_rows: int = 0) -> float:
+    """Matrix FLOPs of a Llama-style decoder's forward over `tokens` tokens (attention projections,
+    scores and mixing, the gated FFN) plus MemVP's two L x M x D products per layer."""
+    per_token = 2 * (4 * hidden * hidden + 3 * hidden * ffn)
+    attention = 4.0 * tokens * tokens * hidden  # q k^T and p v, causal halving ignored
+    memvp = 4.0 * tokens * memory_rows * hidden
+    return layers * (per_token * tokens + attention + memvp)
