@@ -32,6 +32,8 @@ TORCH_LIBRARY_IMPL(vlfast_C, CPU, m) {
 TORCH_LIBRARY_IMPL(vlfast_C, CUDA, m) {
   m.impl("cross_attention_forward", &vlfast::cross_attention_forward_cuda);
   m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cuda);
+  m.impl("memvp_memory_forward", &vlfast::memvp_memory_forward_cuda);
+  m.impl("memvp_memory_backward", &vlfast::memvp_memory_backward_cuda);
 }
 #endif
 

@@ -66,6 +66,19 @@ def _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory,
 
 
 @triton.jit
+def _store_times_memory(out_ptr, act, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
+                        BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """out[batch, rows] = act (z[batch] + pos), one D chunk at a time; act is (BLOCK_L, BLOCK_M) fp32."""
+    act = act.to(tl.float32 if DOT_FP32 else out_ptr.dtype.element_ty)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        out = tl.dot(act, memory_rows, input_precision=PRECISION)
+        tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+
+
+@triton.jit
 def memvp_fwd_kernel(
     x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, out_ptr,
     length, memory, dim, scale, keep_scale, seed, threshold,
@@ -81,13 +94,8 @@ def memvp_fwd_kernel(
     if DROPOUT:
         offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
         hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
-    hidden = hidden.to(tl.float32 if DOT_FP32 else out_ptr.dtype.element_ty)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        values = _memory_rows(z_ptr, value_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        out = tl.dot(hidden, values, input_precision=PRECISION)
-        tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+    _store_times_memory(out_ptr, hidden, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
+                        BLOCK_D, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -124,13 +132,8 @@ def memvp_bwd_rows_kernel(
     act_mask = (rows[:, None] < length) & (mem[None, :] < memory)
     tl.store(hidden_ptr + act_offsets, hidden, mask=act_mask)
     tl.store(dpre_ptr + act_offsets, dpre, mask=act_mask)
-    dpre = dpre.to(tl.float32 if DOT_FP32 else dx_ptr.dtype.element_ty)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        keys = _memory_rows(z_ptr, key_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        dx = tl.dot(dpre, keys, input_precision=PRECISION)
-        tl.store(dx_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+    _store_times_memory(dx_ptr, dpre, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+                        BLOCK_D, DOT_FP32, PRECISION)
 
 
 @triton.jit

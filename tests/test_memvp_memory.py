@@ -142,3 +142,20 @@ def test_opcheck(backend):
     tensors, _ = make_inputs((2, 5, 3, 16))
     args = [t.float().requires_grad_() for t in tensors]
     torch.library.opcheck(torch.ops.vlfast.memvp_memory_fwd.default, (*args, 0.5, 0.2, 123, backend))
+
+
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
+def test_largest_width(backend):
+    """D = 8192, the largest supported width (LLaMA-65B), on a few rows."""
+    tensors, dout = make_inputs((1, 3, 5, 8192))
+    tensors, dout = [t.float().double() for t in tensors], dout.float().double()
+    ref_out, ref_grads = forward_backward(lambda *t: memvp_memory_autograd(*t, scale=SCALE), tensors, dout,
+                                          torch.float64)
+    plain_out, plain_grads = forward_backward(lambda *t: memvp_memory_autograd(*t, scale=SCALE), tensors, dout,
+                                              torch.float32)
+    out, grads = forward_backward(lambda *t: memvp_memory(*t, scale=SCALE, backend=backend), tensors, dout,
+                                  torch.float32)
+    assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
+    for name, got, ref, plain in zip(("dx", "dz", "dkey_pos", "dvalue_pos"), grads, ref_grads, plain_grads,
+                                     strict=True):
+        assert_close_to_reference(name, got, ref, plain, factor=3)

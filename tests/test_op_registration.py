@@ -40,3 +40,25 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     for got, t in zip(grads, (q, k, v), strict=True):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_memvp_memory_compiles_without_graph_breaks(backend):
+    from vlfast.ops import memvp_memory
+    from vlfast.ops.reference import memvp_memory_autograd
+
+    def branch(x, z, key_pos, value_pos):
+        return (x + memvp_memory(x, z, key_pos, value_pos, scale=0.1, backend=backend)).square().sum()
+
+    tensors = [torch.randn(2, 5, 16), torch.randn(2, 3, 16), torch.randn(3, 16), torch.randn(3, 16)]
+    tensors = [t.requires_grad_() for t in tensors]
+    loss = torch.compile(branch, fullgraph=True)(*tensors)
+    loss.backward()
+    grads = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    expected = (tensors[0] + memvp_memory_autograd(*tensors, scale=0.1)).square().sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for got, t in zip(grads, tensors, strict=True):
+        torch.testing.assert_close(got, t.grad, atol=1e-4, rtol=1e-5)

@@ -10,31 +10,19 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 
 #include "cross_attention.h"
 #include "cross_attention_math.h"
+#include "cuda/wmma_utils.cuh"
 
 namespace vlfast {
 namespace {
 
 using namespace nvcuda;
+using namespace wmma_utils;
 namespace math = attention_math;
 
-constexpr int kTile = 16;      // WMMA m = n = k
 constexpr int kKeyBlock = 32;  // keys per forward step
-
-template <typename T> struct TypeTag { using type = T; };
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Copies rows [row0, row0 + rows) of a (len, dim) matrix into a (rows, DPad) shared tile, zero
 // outside the matrix, using every thread of the block.
@@ -302,25 +290,14 @@ int padded_head_dim(int64_t dim) {
 // device type of the tensors.
 template <typename Fn>
 void dispatch_dtype_and_head_dim(at::ScalarType dtype, int64_t dim, Fn&& fn) {
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
-              "vlfast cuda cross_attention: fp16 or bf16 expected, got ", dtype);
-  auto with_dtype = [&](auto dpad) {
-    if (dtype == at::kHalf) fn(dpad, TypeTag<__half>{});
-    else fn(dpad, TypeTag<__nv_bfloat16>{});
-  };
-  switch (padded_head_dim(dim)) {
-    case 32: with_dtype(std::integral_constant<int, 32>{}); break;
-    case 64: with_dtype(std::integral_constant<int, 64>{}); break;
-    case 96: with_dtype(std::integral_constant<int, 96>{}); break;
-    default: with_dtype(std::integral_constant<int, 128>{}); break;
-  }
-}
-
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-  }
+  dispatch_half_types(dtype, "cross_attention", [&](auto type_tag) {
+    switch (padded_head_dim(dim)) {
+      case 32: fn(std::integral_constant<int, 32>{}, type_tag); break;
+      case 64: fn(std::integral_constant<int, 64>{}, type_tag); break;
+      case 96: fn(std::integral_constant<int, 96>{}, type_tag); break;
+      default: fn(std::integral_constant<int, 128>{}, type_tag); break;
+    }
+  });
 }
 
 const bool* mask_ptr(const std::optional<at::Tensor>& kv_mask) {

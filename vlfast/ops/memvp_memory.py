@@ -16,12 +16,13 @@ from vlfast.ops.checks import check_same_device, check_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
+MAX_CUDA_MEMORY = 512  # csrc/cuda/memvp_memory.cu keeps the block's (rows x M) activation in shared memory
 # Fastest first on CPU tensors (benchmarks/test_memvp_memory.py).
 CPU_PREFERENCE = ("torch", "cpu")
 
 register_op("memvp_memory", {
     "triton": f"fp16, bf16 with M <= 512, fp32 with M <= 128; D <= {MAX_DIM}; CUDA tensors",
-    "cuda": "not written yet: use triton on GPUs",
+    "cuda": f"fp16, bf16 on tensor cores (sm_80+); M <= {MAX_CUDA_MEMORY}; D <= {MAX_DIM}; CUDA tensors",
     "cpu": f"fp32, fp16, bf16 (computed in fp32); D <= {MAX_DIM}; CPU tensors",
     "torch": "any floating dtype and device (the reference)",
 })
@@ -30,12 +31,15 @@ register_op("memvp_memory", {
 def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
     if backend == "torch":
         return None
-    if backend == "cuda":
-        return "the memvp_memory CUDA kernels are not written yet; use triton on GPUs"
     if x.dtype not in FLOAT_DTYPES:
         return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
     if x.shape[-1] > MAX_DIM:
         return f"{backend} supports D up to {MAX_DIM}, got {x.shape[-1]}"
+    if backend == "cuda":
+        if x.dtype == torch.float32:
+            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
+        if z.shape[1] > MAX_CUDA_MEMORY:
+            return f"cuda keeps the memory in shared memory: M <= {MAX_CUDA_MEMORY}, got {z.shape[1]}"
     if backend == "triton":
         from vlfast.kernels.memvp_memory import max_memory
 

@@ -28,6 +28,12 @@ from vlfast.ops import memvp_memory
 MEMORY_ATTRIBUTE = "vlfast_memvp"
 
 
+@dataclass
+class _Patch:
+    handles: list[RemovableHandle] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
 class VisualMemory(nn.Module):
     """The learned rows shared by all layers, and the visual prompts of the current batch."""
 
@@ -39,6 +45,7 @@ class VisualMemory(nn.Module):
         self.scale = scale
         self.dropout_p = dropout_p
         self.prompts: Tensor | None = None  # (B, <= M, D); None means z = 0
+        self.patch = _Patch()  # the hooks and flags revert_memvp undoes (not part of the state dict)
 
     @property
     def num_tokens(self) -> int:
@@ -72,15 +79,6 @@ class VisualMemory(nn.Module):
         return out.reshape(x.shape)
 
 
-@dataclass
-class _Patch:
-    handles: list[RemovableHandle] = field(default_factory=list)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-
-
-_patches: dict[int, _Patch] = {}
-
-
 def _ffn_sites(model: nn.Module) -> tuple[list[tuple[nn.Module, nn.Module]], int]:
     """(module whose input is the FFN-normed state, module whose output the branch is added to)
     for every layer, and the hidden size."""
@@ -98,7 +96,7 @@ def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
                 dropout_p: float = 0.1) -> VisualMemory:
     """Give every layer of `model` the MemVP branch; freezes the LLM's own parameters. Returns the
     new trainable module (also at `model.vlfast_memvp`)."""
-    if id(model) in _patches:
+    if hasattr(model, MEMORY_ATTRIBUTE):
         raise ValueError("apply_memvp: this model already has MemVP; call revert_memvp first")
     if num_memory_tokens < 1:
         raise ValueError(f"num_memory_tokens must be >= 1, got {num_memory_tokens}")
@@ -107,6 +105,7 @@ def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
     model.requires_grad_(False)
     device = next(model.parameters()).device
     memory = VisualMemory(num_memory_tokens, hidden, scale=scale, dropout_p=dropout_p, device=device)
+    memory.patch = patch
     model.add_module(MEMORY_ATTRIBUTE, memory)
     for reads, adds_to in sites:
         captured: dict[str, Tensor] = {}
@@ -119,15 +118,15 @@ def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
 
         patch.handles.append(reads.register_forward_pre_hook(capture))
         patch.handles.append(adds_to.register_forward_hook(add_branch))
-    _patches[id(model)] = patch
     return memory
 
 
 def revert_memvp(model: nn.Module) -> None:
     """Remove the branch and its parameters; restore the LLM's requires_grad flags."""
-    patch = _patches.pop(id(model), None)
-    if patch is None:
+    memory = getattr(model, MEMORY_ATTRIBUTE, None)
+    if memory is None:
         raise ValueError("revert_memvp: this model has no MemVP patch")
+    patch = memory.patch
     for handle in patch.handles:
         handle.remove()
     delattr(model, MEMORY_ATTRIBUTE)

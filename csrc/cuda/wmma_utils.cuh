@@ -1,0 +1,44 @@
+// Helpers shared by the WMMA (tensor-core) kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace vlfast {
+namespace wmma_utils {
+
+constexpr int kTile = 16;  // WMMA m = n = k
+
+template <typename T> struct TypeTag { using type = T; };
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Calls fn(TypeTag<__half>{}) or fn(TypeTag<__nv_bfloat16>{}) for an fp16 / bf16 tensor dtype.
+template <typename Fn>
+void dispatch_half_types(at::ScalarType dtype, const char* op, Fn&& fn) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "vlfast cuda ", op, ": fp16 or bf16 expected, got ",
+              dtype);
+  if (dtype == at::kHalf) fn(TypeTag<__half>{});
+  else fn(TypeTag<__nv_bfloat16>{});
+}
+
+// Lets a kernel use more than the default 48 KiB of dynamic shared memory.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  }
+}
+
+}  // namespace wmma_utils
+}  // namespace vlfast
