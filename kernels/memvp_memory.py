@@ -10,29 +10,25 @@ The backward writes the dropped activation and the pre-activation gradient (B, L
 (`memvp_bwd_rows_kernel`, which also produces dx), then reduces over rows for dz, dkey_pos and
 dvalue_pos (`memvp_bwd_memory_kernel`), deterministically and without atomics.
 
-Dropout is counter-based (`dropout_factor`): the same hash as vlfast/ops/reference.py and
-csrc/memvp_math.h, so the mask is regenerated from the seed in backward and equal on all backends.
+Dropout is counter-based (`kernels/utils.py: dropout_factor`), so the mask is regenerated from the
+seed in backward and equal on all backends.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from vlfast.kernels.utils import KernelSpec, interpreting, new_output, pointer_type, storage_dtype
+from vlfast.kernels.utils import (
+    KernelSpec,
+    dropout_args,
+    dropout_factor,
+    interpreting,
+    new_output,
+    pointer_type,
+    storage_dtype,
+)
 
 MAX_MEMORY = 512
-
-
-@triton.jit
-def dropout_factor(seed, offsets, threshold, keep_scale):
-    """0 for a dropped element, keep_scale for a kept one; offsets index the (B, L, M) activation."""
-    x = offsets.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
-    x = x ^ (x >> 16)
-    x = x * 0x85EBCA6B
-    x = x ^ (x >> 13)
-    x = x * 0xC2B2AE35
-    x = x ^ (x >> 16)
-    return tl.where((x >> 8) >= threshold.to(tl.uint32), keep_scale, 0.0)
 
 
 @triton.jit
@@ -206,12 +202,6 @@ def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict
     return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **_dot_options(x, interpret)}
 
 
-def _dropout_args(dropout_p: float, seed: int) -> dict:
-    from vlfast.ops.reference import dropout_threshold
-
-    return {"keep_scale": 1.0 / (1.0 - dropout_p), "seed": seed, "threshold": dropout_threshold(dropout_p)}
-
-
 def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
     batch, length, dim = x.shape
     memory = z.shape[1]
@@ -219,7 +209,7 @@ def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: floa
     cfg = launch_config(x, memory)
     grid = (triton.cdiv(length, cfg["BLOCK_L"]), batch)
     memvp_fwd_kernel[grid](
-        x, z, key_pos, value_pos, out, length, memory, dim, scale, **_dropout_args(dropout_p, seed),
+        x, z, key_pos, value_pos, out, length, memory, dim, scale, **dropout_args(dropout_p, seed),
         DROPOUT=dropout_p > 0, **cfg,
     )
     return out.to(x.dtype)
@@ -235,7 +225,7 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     cfg = launch_config(x, memory)
     memvp_bwd_rows_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), batch)](
         x, z, key_pos, value_pos, dout, hidden, dpre, dx, length, memory, dim, scale,
-        **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0, **cfg,
+        **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0, **cfg,
     )
     # dz = dK + dV is summed in fp32 over two launches (keys, then values) and rounded once.
     dz = new_output(z.shape, torch.float32, z.device)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 _poison = False
 
@@ -57,3 +59,26 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 def pointer_type(dtype: torch.dtype) -> str:
     return "*" + _TRITON_TYPES[dtype]
+
+
+def dropout_threshold(p: float) -> int:
+    """Dropout drops an element when the top 24 bits of its hash fall below this."""
+    return int(p * (1 << 24))
+
+
+def dropout_args(dropout_p: float, seed: int) -> dict:
+    """The runtime arguments of `dropout_factor` for a drop probability and seed."""
+    return {"keep_scale": 1.0 / (1.0 - dropout_p), "seed": seed, "threshold": dropout_threshold(dropout_p)}
+
+
+@triton.jit
+def dropout_factor(seed, offsets, threshold, keep_scale):
+    """0 for a dropped element, keep_scale for a kept one; offsets are the elements' row-major
+    indices in the dropped tensor. The hash of csrc/dropout_math.h and vlfast/ops/reference.py."""
+    x = offsets.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    x = x ^ (x >> 16)
+    return tl.where((x >> 8) >= threshold.to(tl.uint32), keep_scale, 0.0)

@@ -21,12 +21,12 @@ struct Problem {
   Problem(const at::Tensor& x, const at::Tensor& z, double scale_, double p, int64_t seed_)
       : batch(x.size(0)), rows(x.size(1)), memory(z.size(1)), dim(x.size(2)),
         scale(static_cast<float>(scale_)), keep_scale(static_cast<float>(1.0 / (1.0 - p))),
-        threshold(math::dropout_threshold(p)), seed(static_cast<uint32_t>(seed_)), dropout(p > 0.0) {}
+        threshold(dropout_math::dropout_threshold(p)), seed(static_cast<uint32_t>(seed_)), dropout(p > 0.0) {}
 
   // Dropout factor of activation element (b, l, m).
   float keep(int64_t b, int64_t l, int64_t m) const {
     if (!dropout) return 1.0f;
-    return math::dropout_factor(seed, static_cast<uint32_t>((b * rows + l) * memory + m), threshold, keep_scale);
+    return dropout_math::dropout_factor(seed, static_cast<uint32_t>((b * rows + l) * memory + m), threshold, keep_scale);
   }
 };
 

@@ -34,12 +34,12 @@ struct Dropout {
   bool on;
 
   __device__ float factor(int64_t offset) const {
-    return on ? math::dropout_factor(seed, static_cast<uint32_t>(offset), threshold, keep_scale) : 1.0f;
+    return on ? dropout_math::dropout_factor(seed, static_cast<uint32_t>(offset), threshold, keep_scale) : 1.0f;
   }
 };
 
 Dropout make_dropout(double p, int64_t seed) {
-  return {static_cast<uint32_t>(seed), math::dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p)), p > 0.0};
+  return {static_cast<uint32_t>(seed), dropout_math::dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p)), p > 0.0};
 }
 
 int padded_memory(int64_t memory) { return static_cast<int>((memory + kTile - 1) / kTile * kTile); }

@@ -21,3 +21,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         listing = ", ".join(f"{name} on {t.device}" for name, t in given.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def draw_dropout_seed(dropout_p: float, generator: torch.Generator | None) -> int:
+    """Checks dropout_p and draws the seed of the counter-based dropout mask (0 without dropout)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())

@@ -12,7 +12,7 @@ from torch import Tensor
 from vlfast._extension import cpp_ops
 from vlfast.ops import reference
 from vlfast.ops.backends import register_op, resolve_backend
-from vlfast.ops.checks import check_same_device, check_tensor
+from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
@@ -136,11 +136,7 @@ def memvp_memory(
             raise ValueError(f"{name} must have shape (M, D) = ({memory}, {dim}), got {tuple(pos.shape)}")
     if min(x.shape) == 0 or memory == 0:
         raise ValueError(f"x and z need non-empty dims, got x {tuple(x.shape)} and z {tuple(z.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seed = 0
-    if dropout_p > 0:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    seed = draw_dropout_seed(dropout_p, generator)
     chosen = resolve_backend(
         "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), CPU_PREFERENCE
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlfast.kernels.utils import dropout_threshold
+
 
 def _masked_logits(q: Tensor, k: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -63,14 +65,9 @@ def cross_attention_autograd(
     return torch.matmul(probs, v)
 
 
-# --- memvp_memory ------------------------------------------------------------------------------
+# --- dropout shared by the ops ----------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
-
-
-def dropout_threshold(p: float) -> int:
-    """Dropout drops an element when the top 24 bits of its hash fall below this."""
-    return int(p * (1 << 24))
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
@@ -85,6 +82,9 @@ def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch
     x = (x * 0xC2B2AE35) & _MASK32
     x = x ^ (x >> 16)
     return ((x >> 8) >= dropout_threshold(p)).view(shape)
+
+
+# --- memvp_memory ------------------------------------------------------------------------------
 
 
 def _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed):
@@ -138,3 +138,80 @@ def memvp_memory_autograd(
     if keep_mask is not None:
         hidden = hidden * keep_mask / (1.0 - dropout_p)
     return scale * torch.matmul(hidden, z + value_pos)
+
+
+# --- routed_adapter ----------------------------------------------------------------------------
+
+
+def _routing(router_input, router_weight, router_bias, temperature, compute):
+    logits = router_input.to(compute) @ router_weight.to(compute).T + router_bias.to(compute)
+    return torch.softmax(logits / temperature, dim=-1)  # (B, E)
+
+
+def _adapter_parts(x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias,
+                   temperature, dropout_p, seed):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = _routing(router_input, router_weight, router_bias, temperature, compute)
+    mixed_up = torch.einsum("be,edr->bdr", weights, up_weight.to(compute))  # (B, D, R)
+    mixed_bias = weights @ up_bias.to(compute)  # (B, D)
+    hidden = x.to(compute) @ down_weight.to(compute).T + down_bias.to(compute)  # (B, L, R)
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, tuple(hidden.shape), dropout_p, x.device).to(compute) / (1.0 - dropout_p)
+        hidden = hidden * keep
+    return compute, weights, mixed_up, mixed_bias, hidden, keep
+
+
+def routed_adapter_forward(
+    x: Tensor, router_input: Tensor, router_weight: Tensor, router_bias: Tensor, down_weight: Tensor,
+    down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, temperature: float, scale: float, dropout_p: float,
+    seed: int,
+) -> Tensor:
+    """x + scale * sum_e w_e (h W_u[e]^T + b_u[e]) = x + scale * (h W_mix^T + b_mix), with the
+    experts' up-projections mixed per sample by the routing weights."""
+    compute, _, mixed_up, mixed_bias, hidden, _ = _adapter_parts(
+        x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias, temperature,
+        dropout_p, seed)
+    up = torch.matmul(hidden, mixed_up.transpose(1, 2)) + mixed_bias[:, None, :]
+    return (x.to(compute) + scale * up).to(x.dtype)
+
+
+def routed_adapter_backward(
+    dout: Tensor, x: Tensor, router_input: Tensor, router_weight: Tensor, router_bias: Tensor,
+    down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, temperature: float, scale: float,
+    dropout_p: float, seed: int,
+) -> tuple[Tensor, ...]:
+    compute, weights, mixed_up, mixed_bias, hidden, keep = _adapter_parts(
+        x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias, temperature,
+        dropout_p, seed)
+    grad_up = scale * dout.to(compute)  # (B, L, D)
+    dhidden = torch.matmul(grad_up, mixed_up)  # (B, L, R), through the dropped hidden
+    dmixed_up = torch.matmul(grad_up.transpose(1, 2), hidden)  # (B, D, R)
+    dmixed_bias = grad_up.sum(1)  # (B, D)
+    dup_weight = torch.einsum("be,bdr->edr", weights, dmixed_up)
+    dup_bias = weights.T @ dmixed_bias
+    dweights = torch.einsum("bdr,edr->be", dmixed_up, up_weight.to(compute)) + dmixed_bias @ up_bias.to(compute).T
+    dlogits = weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) / temperature
+    if keep is not None:
+        dhidden = dhidden * keep
+    dx = dout.to(compute) + torch.matmul(dhidden, down_weight.to(compute))
+    ddown_weight = torch.einsum("blr,bld->rd", dhidden, x.to(compute))
+    grads = (dx, dlogits @ router_weight.to(compute), dlogits.T @ router_input.to(compute), dlogits.sum(0),
+             ddown_weight, dhidden.sum((0, 1)), dup_weight, dup_bias)
+    inputs = (x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs, strict=True))
+
+
+def routed_adapter_autograd(
+    x: Tensor, router_input: Tensor, router_weight: Tensor, router_bias: Tensor, down_weight: Tensor,
+    down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, temperature: float = 10.0, scale: float = 1.0,
+    keep_mask: Tensor | None = None, dropout_p: float = 0.0,
+) -> Tensor:
+    """The oracle: the contract's formula expert by expert in the inputs' dtype, autograd for the
+    gradients, an explicit dropout keep mask (B, L, R)."""
+    weights = torch.softmax((router_input @ router_weight.T + router_bias) / temperature, dim=-1)
+    hidden = x @ down_weight.T + down_bias
+    if keep_mask is not None:
+        hidden = hidden * keep_mask / (1.0 - dropout_p)
+    experts = torch.stack([hidden @ up_weight[e].T + up_bias[e] for e in range(up_weight.shape[0])], dim=1)
+    return x + scale * (weights[:, :, None, None] * experts).sum(1)
