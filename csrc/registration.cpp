@@ -5,6 +5,7 @@
 
 #include "cross_attention.h"
 #include "memvp_memory.h"
+#include "routed_adapter.h"
 
 TORCH_LIBRARY(vlfast_C, m) {
   m.def(
@@ -19,6 +20,14 @@ TORCH_LIBRARY(vlfast_C, m) {
   m.def(
       "memvp_memory_backward(Tensor dout, Tensor x, Tensor z, Tensor key_pos, Tensor value_pos,"
       " float scale, float dropout_p, int seed) -> (Tensor dx, Tensor dz, Tensor dkey_pos, Tensor dvalue_pos)");
+  m.def(
+      "routed_adapter_forward(Tensor x, Tensor router_input, Tensor router_weight, Tensor router_bias,"
+      " Tensor down_weight, Tensor down_bias, Tensor up_weight, Tensor up_bias, float temperature, float scale,"
+      " float dropout_p, int seed) -> Tensor");
+  m.def(
+      "routed_adapter_backward_rows(Tensor dout, Tensor x, Tensor weights, Tensor down_weight, Tensor down_bias,"
+      " Tensor up_weight, Tensor up_bias, float scale, float dropout_p, int seed)"
+      " -> (Tensor dx, Tensor ddown_weight, Tensor ddown_bias, Tensor dmixed_up, Tensor dmixed_bias)");
 }
 
 TORCH_LIBRARY_IMPL(vlfast_C, CPU, m) {
@@ -26,6 +35,8 @@ TORCH_LIBRARY_IMPL(vlfast_C, CPU, m) {
   m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cpu);
   m.impl("memvp_memory_forward", &vlfast::memvp_memory_forward_cpu);
   m.impl("memvp_memory_backward", &vlfast::memvp_memory_backward_cpu);
+  m.impl("routed_adapter_forward", &vlfast::routed_adapter_forward_cpu);
+  m.impl("routed_adapter_backward_rows", &vlfast::routed_adapter_backward_rows_cpu);
 }
 
 #ifdef VLFAST_WITH_CUDA

@@ -22,15 +22,20 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vlfast.kernels import cross_attention, memvp_memory
+from vlfast.kernels import cross_attention, memvp_memory, routed_adapter
 from vlfast.kernels.utils import KernelSpec
 
 ARCHS = (80, 90)
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
-SPEC_SOURCES = {"cross_attention": cross_attention.report_specs, "memvp_memory": memvp_memory.report_specs}
+SPEC_SOURCES = {
+    "cross_attention": cross_attention.report_specs,
+    "memvp_memory": memvp_memory.report_specs,
+    "routed_adapter": routed_adapter.report_specs,
+}
 _TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA)\b")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_SPILLS = re.compile(r"(\d+) bytes spill stores")
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,9 @@ class KernelResources:
     config: str
     arch: int
     registers: int
-    stack_bytes: int  # > 0: a stack frame in local memory (ptxas puts register spills there)
-    local_bytes: int  # > 0: local memory (spills)
+    stack_bytes: int  # stack frame in local memory (register spills, or arrays ptxas could not keep)
+    local_bytes: int  # > 0: local memory
+    spill_bytes: int  # bytes of register spill stores ptxas reports (-1: unknown, then stack counts)
     shared_bytes: int
     hmma: int
     hgmma: int
@@ -64,6 +70,21 @@ def cuobjdump() -> str:
 
 def _run(*args: str) -> str:
     return subprocess.run([cuobjdump(), *args], check=True, capture_output=True, text=True).stdout
+
+
+def ptxas() -> str:
+    return str(Path(cuobjdump()).parent / "ptxas")
+
+
+def _spill_stores(ptx: str, arch: int) -> int:
+    """Bytes of register spill stores, as `ptxas -v` reports them for this PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        suffix = "a" if arch >= 90 else ""
+        done = subprocess.run([ptxas(), "-v", f"-arch=sm_{arch}{suffix}", str(source), "-o", str(source) + ".o"],
+                              capture_output=True, text=True, check=True)
+    return sum(int(n) for n in _SPILLS.findall(done.stderr))
 
 
 def _count_tensor_core(sass: str) -> tuple[int, int]:
@@ -89,7 +110,8 @@ def compile_triton(op: str, spec: KernelSpec, arch: int) -> KernelResources:
         config += f", stages={spec.num_stages}"
     return KernelResources(
         "triton", op, name, f"{spec.label} [{config}]", arch, reg, stack, local,
-        static_shared + compiled.metadata.shared, hmma, hgmma, matrix_kernel=True,
+        _spill_stores(compiled.asm["ptx"], arch), static_shared + compiled.metadata.shared, hmma, hgmma,
+        matrix_kernel=True,
     )
 
 
@@ -142,7 +164,7 @@ def cuda_report(library: str) -> list[KernelResources]:
         kernel, params = _short_cuda_name(demangled)
         op = kernel.removesuffix("_kernel").removesuffix("_forward").removesuffix("_backward")
         hmma, hgmma = counts.get((arch, name), (0, 0))
-        report.append(KernelResources("cuda", op, kernel, params, arch, reg, stack, local, shared,
+        report.append(KernelResources("cuda", op, kernel, params, arch, reg, stack, local, -1, shared,
                                       hmma, hgmma, matrix_kernel=True))
     return report
 
@@ -164,9 +186,10 @@ def problems(rows: list[KernelResources]) -> list[str]:
     found = []
     for r in rows:
         where = f"{r.source} {r.kernel} sm_{r.arch} ({r.config})"
-        if r.local_bytes > 0 or r.stack_bytes > 0:
-            found.append(f"{where}: {r.local_bytes} bytes of local memory and a {r.stack_bytes}-byte stack "
-                         "(register spills)")
+        spilled = r.spill_bytes > 0 if r.spill_bytes >= 0 else r.stack_bytes > 0
+        if spilled or r.local_bytes > 0:
+            found.append(f"{where}: {max(r.spill_bytes, r.stack_bytes)} bytes of register spills "
+                         f"({r.local_bytes} bytes of local memory)")
         if r.shared_bytes > MAX_SHARED_BYTES.get(r.arch, MAX_SHARED_BYTES[90]):
             found.append(f"{where}: {r.shared_bytes} bytes of shared memory, more than sm_{r.arch} has")
         if r.matrix_kernel and r.tensor_core_instructions == 0:
@@ -180,7 +203,8 @@ def format_table(rows: list[KernelResources]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.source:6} {r.kernel:34} sm_{r.arch:<3} {r.registers:>4} {r.stack_bytes:>5} {r.local_bytes:>5} "
+            f"{r.source:6} {r.kernel:34} sm_{r.arch:<3} {r.registers:>4} {r.stack_bytes:>5} "
+            f"{r.spill_bytes if r.spill_bytes >= 0 else '-':>5} "
             f"{r.shared_bytes:>7} "
             f"{r.hmma:>5} {r.hgmma:>5}  {r.config}"
         )
@@ -199,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if library is None:
         print("\nCUDA kernels: vlfast._C was built without them (see `python -m vlfast.info`).")
-    print("\nsmem: bytes of shared memory (Triton: static + dynamic; CUDA: static, dynamic is sized at launch)")
+    print("\nspill: bytes of register spill stores (ptxas -v; '-': not known for a built library, where any "
+          "stack counts as spills)\nsmem: bytes of shared memory (Triton: static + dynamic; CUDA: static, "
+          "dynamic is sized at launch)")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     issues = problems(rows)

@@ -40,8 +40,8 @@ def test_cuda_kernels_have_no_spills_and_use_tensor_cores(rows):
 
 def test_problems_flags_spills_shared_memory_and_missing_tensor_cores(rows):
     good = rows[0]
-    spilled = report.KernelResources(**{**good.__dict__, "local_bytes": 64})
-    stacked = report.KernelResources(**{**good.__dict__, "stack_bytes": 3712})
+    spilled = report.KernelResources(**{**good.__dict__, "spill_bytes": 64})
+    stacked = report.KernelResources(**{**good.__dict__, "spill_bytes": -1, "stack_bytes": 3712})
     scalar = report.KernelResources(**{**good.__dict__, "hmma": 0, "hgmma": 0})
     hungry = report.KernelResources(**{**good.__dict__, "shared_bytes": 400_000})
     found = report.problems([good, spilled, stacked, scalar, hungry])

@@ -188,18 +188,42 @@ def routed_adapter_backward(
     dhidden = torch.matmul(grad_up, mixed_up)  # (B, L, R), through the dropped hidden
     dmixed_up = torch.matmul(grad_up.transpose(1, 2), hidden)  # (B, D, R)
     dmixed_bias = grad_up.sum(1)  # (B, D)
-    dup_weight = torch.einsum("be,bdr->edr", weights, dmixed_up)
-    dup_bias = weights.T @ dmixed_bias
-    dweights = torch.einsum("bdr,edr->be", dmixed_up, up_weight.to(compute)) + dmixed_bias @ up_bias.to(compute).T
-    dlogits = weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) / temperature
     if keep is not None:
         dhidden = dhidden * keep
     dx = dout.to(compute) + torch.matmul(dhidden, down_weight.to(compute))
     ddown_weight = torch.einsum("blr,bld->rd", dhidden, x.to(compute))
-    grads = (dx, dlogits @ router_weight.to(compute), dlogits.T @ router_input.to(compute), dlogits.sum(0),
-             ddown_weight, dhidden.sum((0, 1)), dup_weight, dup_bias)
-    inputs = (x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs, strict=True))
+    router_grads = routing_and_expert_grads(weights, dmixed_up, dmixed_bias, router_input, router_weight,
+                                            up_weight, up_bias, temperature)
+    return (dx.to(x.dtype), *router_grads[:3], ddown_weight.to(down_weight.dtype),
+            dhidden.sum((0, 1)).to(down_bias.dtype), *router_grads[3:])
+
+
+def routing_weights(router_input: Tensor, router_weight: Tensor, router_bias: Tensor, temperature: float) -> Tensor:
+    """softmax((router_input W_r^T + b_r) / temperature), (B, E) in fp32 (fp64 for fp64 inputs)."""
+    compute = torch.float64 if router_input.dtype == torch.float64 else torch.float32
+    return _routing(router_input, router_weight, router_bias, temperature, compute)
+
+
+def routing_and_expert_grads(
+    weights: Tensor, dmixed_up: Tensor, dmixed_bias: Tensor, router_input: Tensor, router_weight: Tensor,
+    up_weight: Tensor, up_bias: Tensor, temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From the gradients of the per-sample mixed up projection, W_mix = sum_e w_e W_u[e] (B, D, R)
+    and b_mix (B, D): the gradients of router_input, router_weight, router_bias, up_weight and
+    up_bias. (B, E, D, R)-sized work, shared by every backend."""
+    compute = weights.dtype
+    dup_weight = torch.einsum("be,bdr->edr", weights, dmixed_up)
+    dup_bias = weights.T @ dmixed_bias
+    dweights = torch.einsum("bdr,edr->be", dmixed_up, up_weight.to(compute)) + dmixed_bias @ up_bias.to(compute).T
+    dlogits = weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) / temperature
+    router_bias_dtype = router_weight.dtype
+    return (
+        (dlogits @ router_weight.to(compute)).to(router_input.dtype),
+        (dlogits.T @ router_input.to(compute)).to(router_weight.dtype),
+        dlogits.sum(0).to(router_bias_dtype),
+        dup_weight.to(up_weight.dtype),
+        dup_bias.to(up_bias.dtype),
+    )
 
 
 def routed_adapter_autograd(

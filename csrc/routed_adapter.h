@@ -1,0 +1,26 @@
+// Declarations of the routed_adapter kernels behind the vlfast_C::routed_adapter_* ops.
+// x (B, L, D), router_input (B, D), router_weight (E, D), router_bias (E), down_weight (R, D),
+// down_bias (R), up_weight (E, D, R), up_bias (E, D): contiguous, one dtype.
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace vlfast {
+
+at::Tensor routed_adapter_forward_cpu(const at::Tensor& x, const at::Tensor& router_input,
+                                      const at::Tensor& router_weight, const at::Tensor& router_bias,
+                                      const at::Tensor& down_weight, const at::Tensor& down_bias,
+                                      const at::Tensor& up_weight, const at::Tensor& up_bias, double temperature,
+                                      double scale, double dropout_p, int64_t seed);
+
+// The x-sized part of the backward, for routing weights (B, E) fp32: (dx, ddown_weight, ddown_bias,
+// dmixed_up (B, D, R) fp32, dmixed_bias (B, D) fp32), the last two being the gradients of the
+// per-sample mixed up projection sum_e w_e W_u[e] and of its bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_adapter_backward_rows_cpu(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& down_weight,
+    const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias, double scale,
+    double dropout_p, int64_t seed);
+
+}  // namespace vlfast

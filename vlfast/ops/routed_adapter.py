@@ -1,0 +1,176 @@
+"""`routed_adapter`: LaVIN's mixture-of-modality adapter with its router.
+
+out = x + scale * sum_e w_e (h W_u[e]^T + b_u[e]), h = dropout(x W_d^T + b_d),
+w = softmax((router_input W_r^T + b_r) / temperature). Same structure as the other ops: checks,
+backend choice, custom ops `vlfast::routed_adapter_fwd` / `vlfast::routed_adapter_bwd`.
+
+The kernel backends compute the x-sized part of the backward (dx, dW_d, db_d, and the gradients of
+the per-sample mixed up projection); `reference.routing_and_expert_grads` turns the latter into the
+router's and the experts' gradients for every backend.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlfast._extension import cpp_ops
+from vlfast.ops import reference
+from vlfast.ops.backends import register_op, resolve_backend
+from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DIM = 8192
+MAX_RANK = 64
+# Fastest first on CPU tensors (benchmarks/test_routed_adapter.py).
+CPU_PREFERENCE = ("torch", "cpu")
+
+register_op("routed_adapter", {
+    "triton": f"fp32, fp16, bf16; rank <= {MAX_RANK}; D <= {MAX_DIM}; CUDA tensors",
+    "cuda": "not written yet: use triton on GPUs",
+    "cpu": f"fp32, fp16, bf16 (computed in fp32); rank <= {MAX_RANK}; D <= {MAX_DIM}; CPU tensors",
+    "torch": "any floating dtype and device (the reference)",
+})
+
+ARGUMENTS = ("x", "router_input", "router_weight", "router_bias", "down_weight", "down_bias", "up_weight", "up_bias")
+
+
+def unsupported_reason(backend: str, x: Tensor, rank: int) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        return "the routed_adapter CUDA kernels are not written yet; use triton on GPUs"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
+    if x.shape[-1] > MAX_DIM:
+        return f"{backend} supports D up to {MAX_DIM}, got {x.shape[-1]}"
+    if rank > MAX_RANK:
+        return f"{backend} supports ranks up to {MAX_RANK}, got {rank}"
+    return None
+
+
+def _forward_kernel(backend: str):
+    if backend == "torch":
+        return reference.routed_adapter_forward
+    if backend == "triton":
+        from vlfast.kernels import routed_adapter as triton_kernels
+
+        return triton_kernels.routed_adapter_forward
+    return cpp_ops().routed_adapter_forward
+
+
+def _backward_rows_kernel(backend: str):
+    if backend == "triton":
+        from vlfast.kernels import routed_adapter as triton_kernels
+
+        return triton_kernels.routed_adapter_backward_rows
+    return cpp_ops().routed_adapter_backward_rows
+
+
+@torch.library.custom_op("vlfast::routed_adapter_fwd", mutates_args=())
+def routed_adapter_fwd(
+    x: Tensor, router_input: Tensor, router_weight: Tensor, router_bias: Tensor, down_weight: Tensor,
+    down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, temperature: float, scale: float, dropout_p: float,
+    seed: int, backend: str,
+) -> Tensor:
+    """The forward on the named backend, for contiguous inputs; see `routed_adapter`."""
+    return _forward_kernel(backend)(x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight,
+                                    up_bias, temperature, scale, dropout_p, seed)
+
+
+@routed_adapter_fwd.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vlfast::routed_adapter_bwd", mutates_args=())
+def routed_adapter_bwd(
+    dout: Tensor, x: Tensor, router_input: Tensor, router_weight: Tensor, router_bias: Tensor,
+    down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, temperature: float, scale: float,
+    dropout_p: float, seed: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of all eight tensor arguments, in their order."""
+    dout = dout.contiguous()
+    inputs = (x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias)
+    if backend == "torch":
+        return reference.routed_adapter_backward(dout, *inputs, temperature, scale, dropout_p, seed)
+    weights = reference.routing_weights(router_input, router_weight, router_bias, temperature)
+    dx, ddown_weight, ddown_bias, dmixed_up, dmixed_bias = _backward_rows_kernel(backend)(
+        dout, x, weights, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed)
+    drouter_input, drouter_weight, drouter_bias, dup_weight, dup_bias = reference.routing_and_expert_grads(
+        weights, dmixed_up, dmixed_bias, router_input, router_weight, up_weight, up_bias, temperature)
+    return dx, drouter_input, drouter_weight, drouter_bias, ddown_weight, ddown_bias, dup_weight, dup_bias
+
+
+@routed_adapter_bwd.register_fake
+def _(dout, *args):
+    return tuple(torch.empty_like(t) for t in args[:8])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.args = inputs[8:]
+
+
+def _backward(ctx, dout):
+    return (*routed_adapter_bwd(dout, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
+
+
+routed_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_adapter(
+    x: Tensor,
+    router_input: Tensor,
+    router_weight: Tensor,
+    router_bias: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor,
+    up_weight: Tensor,
+    up_bias: Tensor,
+    *,
+    temperature: float = 10.0,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """x + scale * sum_e w_e (dropout(x W_d^T + b_d) W_u[e]^T + b_u[e]), (B, L, D).
+
+    x (B, L, D); router_input (B, D) drives w = softmax((router_input W_r^T + b_r) / temperature)
+    with router_weight (E, D), router_bias (E); down_weight (R, D), down_bias (R); up_weight
+    (E, D, R), up_bias (E, D). Dropout (on h) draws its seed from `generator`. Differentiable in
+    every tensor argument.
+    """
+    check_tensor("x", x, ndim=3, names="(B, L, D)")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    batch, _, dim = x.shape
+    check_tensor("router_input", router_input, ndim=2, names="(B, D)", dtype=x.dtype)
+    check_tensor("router_weight", router_weight, ndim=2, names="(E, D)", dtype=x.dtype)
+    check_tensor("down_weight", down_weight, ndim=2, names="(R, D)", dtype=x.dtype)
+    check_tensor("up_weight", up_weight, ndim=3, names="(E, D, R)", dtype=x.dtype)
+    experts, rank = router_weight.shape[0], down_weight.shape[0]
+    check_tensor("router_bias", router_bias, ndim=1, names="(E,)", dtype=x.dtype)
+    check_tensor("down_bias", down_bias, ndim=1, names="(R,)", dtype=x.dtype)
+    check_tensor("up_bias", up_bias, ndim=2, names="(E, D)", dtype=x.dtype)
+    expected = {
+        "router_input": (batch, dim), "router_weight": (experts, dim), "router_bias": (experts,),
+        "down_weight": (rank, dim), "down_bias": (rank,), "up_weight": (experts, dim, rank), "up_bias": (experts, dim),
+    }
+    given = dict(zip(ARGUMENTS, (x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight,
+                                 up_bias), strict=True))
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x {tuple(x.shape)}, {experts} experts and rank "
+                             f"{rank}, got {tuple(given[name].shape)}")
+    check_same_device(**given)
+    if min(x.shape) == 0 or experts == 0 or rank == 0:
+        raise ValueError(f"x, the experts and the rank must be non-empty, got x {tuple(x.shape)}, "
+                         f"E={experts}, R={rank}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    seed = draw_dropout_seed(dropout_p, generator)
+    chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank),
+                             CPU_PREFERENCE)
+    return routed_adapter_fwd(*(t.contiguous() for t in given.values()), float(temperature), float(scale),
+                              float(dropout_p), seed, chosen)
