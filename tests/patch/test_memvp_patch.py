@@ -137,3 +137,14 @@ def test_clear_errors():
         set_visual_memory(model, torch.zeros(1, 5, HIDDEN))
     with pytest.raises(ValueError, match=r"shape \(B, <= 4, 64\)"):
         set_visual_memory(model, torch.zeros(1, 2, 10))
+
+
+def test_dropout_follows_the_models_mode(model):
+    memory = apply_memvp(model, MEMORY, dropout_p=0.5)
+    torch.nn.init.normal_(memory.value_pos)
+    ids, prompts = tokens(), torch.randn(2, MEMORY, HIDDEN)
+    with visual_memory(model, prompts):
+        assert not memory.training  # the model was in eval mode
+        torch.testing.assert_close(logits(model, ids), logits(model, ids), rtol=0, atol=0)
+        model.train()
+        assert not torch.equal(logits(model, ids), logits(model, ids))

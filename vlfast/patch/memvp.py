@@ -105,6 +105,7 @@ def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
     model.requires_grad_(False)
     device = next(model.parameters()).device
     memory = VisualMemory(num_memory_tokens, hidden, scale=scale, dropout_p=dropout_p, device=device)
+    memory.train(model.training)
     memory.patch = patch
     model.add_module(MEMORY_ATTRIBUTE, memory)
     for reads, adds_to in sites:
