@@ -5,8 +5,9 @@ Memory-bound for small ranks. One program owns a block of rows of one sample and
 in one launch: the routing weights (recomputed per program, E x D multiply-adds), the down
 projection, dropout, the experts' up projections mixed by the routing weights tile by tile of D
 (sum_e w_e W_u[e] is never stored), the scale and the residual. x is read in two passes over D
-(the down projection needs all of D before the up projection can start); the block is small
-enough for the second read to come from L2.
+(the down projection needs all of D before the up projection can start); the forward is
+persistent (a fixed number of programs walk the row blocks), so only programs x rows x D elements
+are between the passes at any time and the second read comes from L2.
 
 The backward's row kernel writes the dropped hidden state and its gradient ((B, L, R), R <= 64)
 and dx; a column kernel reduces over rows for dW_d and the per-sample gradients of the mixed up
@@ -93,30 +94,34 @@ def _mixed_up_tile(up_weight_ptr, up_bias_ptr, weights, cols, experts, dim, rank
 def routed_adapter_fwd_kernel(
     x_ptr, router_input_ptr, router_weight_ptr, router_bias_ptr, down_weight_ptr, down_bias_ptr,
     up_weight_ptr, up_bias_ptr, out_ptr,
-    length, dim, rank, experts, temperature, scale, keep_scale, seed, threshold,
+    batches, length, dim, rank, experts, temperature, scale, keep_scale, seed, threshold,
     DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    """Persistent: each program walks row blocks (batch-major), so at most one block per program is
+    between its two passes over x, and the second pass reads it from L2."""
     ranks = tl.arange(0, BLOCK_R)
-    weights = _routing_weights(router_input_ptr, router_weight_ptr, router_bias_ptr, batch, experts, dim,
-                               temperature, BLOCK_E, BLOCK_D)
-    hidden = _down_projection(x_ptr, down_weight_ptr, down_bias_ptr, batch, rows, length, dim, rank,
-                              BLOCK_L, BLOCK_R, BLOCK_D, DOT_FP32, PRECISION)
-    if DROPOUT:
-        offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
-        hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
-    hidden = hidden.to(tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mixed, mixed_bias = _mixed_up_tile(up_weight_ptr, up_bias_ptr, weights, cols, experts, dim, rank,
-                                           BLOCK_E, BLOCK_R, BLOCK_D)
-        up = tl.dot(hidden, tl.trans(mixed.to(hidden.dtype)), input_precision=PRECISION)
-        x = _rows_tile(x_ptr, batch, rows, cols, length, dim).to(tl.float32)
-        out = x + scale * (up + mixed_bias[None, :])
-        tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+    blocks_per_sample = tl.cdiv(length, BLOCK_L)
+    for block in range(tl.program_id(0), batches * blocks_per_sample, tl.num_programs(0)):
+        batch = block // blocks_per_sample
+        rows = (block % blocks_per_sample) * BLOCK_L + tl.arange(0, BLOCK_L)
+        weights = _routing_weights(router_input_ptr, router_weight_ptr, router_bias_ptr, batch, experts, dim,
+                                   temperature, BLOCK_E, BLOCK_D)
+        hidden = _down_projection(x_ptr, down_weight_ptr, down_bias_ptr, batch, rows, length, dim, rank,
+                                  BLOCK_L, BLOCK_R, BLOCK_D, DOT_FP32, PRECISION)
+        if DROPOUT:
+            offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
+            hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
+        hidden = hidden.to(tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty)
+        for d0 in range(0, dim, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mixed, mixed_bias = _mixed_up_tile(up_weight_ptr, up_bias_ptr, weights, cols, experts, dim, rank,
+                                               BLOCK_E, BLOCK_R, BLOCK_D)
+            up = tl.dot(hidden, tl.trans(mixed.to(hidden.dtype)), input_precision=PRECISION)
+            x = _rows_tile(x_ptr, batch, rows, cols, length, dim).to(tl.float32)
+            out = x + scale * (up + mixed_bias[None, :])
+            tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
 
 @triton.jit
@@ -223,10 +228,12 @@ def _tiles(x: torch.Tensor, rank: int) -> dict:
     return {"BLOCK_R": block_r, "BLOCK_D": 32 if wide else 64, "num_warps": 8 if wide else 4}
 
 
+ROWS_PER_BLOCK = 16  # with 2 programs per SM, an H100 holds 264 x 16 x D x 2 bytes (35 MB at D = 4096) in L2
+
+
 def launch_config(x: torch.Tensor, rank: int, experts: int, interpret: bool | None = None) -> dict:
-    """Launch options of the row kernels: 32 rows per program (small enough for the second pass
-    over x to hit L2)."""
-    return {"BLOCK_L": 32, "BLOCK_E": max(2, triton.next_power_of_2(experts)), **_tiles(x, rank),
+    """Launch options of the row kernels."""
+    return {"BLOCK_L": ROWS_PER_BLOCK, "BLOCK_E": max(2, triton.next_power_of_2(experts)), **_tiles(x, rank),
             **_dot_options(x, interpret)}
 
 
@@ -241,15 +248,27 @@ def columns_config(x: torch.Tensor, rank: int, interpret: bool | None = None) ->
     return {**tiles, **_dot_options(x, interpret)}
 
 
+PROGRAMS_PER_SM = 2
+
+
+def resident_programs(device: torch.device) -> int:
+    """Programs of the persistent forward: PROGRAMS_PER_SM per SM on a GPU; 3 under the
+    interpreter, so tests exercise programs that walk several row blocks."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
 def routed_adapter_forward(x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight,
                            up_bias, temperature: float, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
     batch, length, dim = x.shape
     experts, rank = up_weight.shape[0], down_weight.shape[0]
     out = new_output(x.shape, storage_dtype(x.dtype), x.device)
     cfg = launch_config(x, rank, experts)
-    routed_adapter_fwd_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), batch)](
+    blocks = batch * triton.cdiv(length, cfg["BLOCK_L"])
+    routed_adapter_fwd_kernel[(min(blocks, resident_programs(x.device)),)](
         x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias, out,
-        length, dim, rank, experts, temperature, scale, **dropout_args(dropout_p, seed),
+        batch, length, dim, rank, experts, temperature, scale, **dropout_args(dropout_p, seed),
         DROPOUT=dropout_p > 0, **cfg,
     )
     return out.to(x.dtype)
@@ -297,7 +316,7 @@ def report_specs() -> list[KernelSpec]:
         specs += [
             KernelSpec(routed_adapter_fwd_kernel, {
                 "x_ptr": t, "router_input_ptr": t, "router_weight_ptr": t, "router_bias_ptr": t, **params,
-                "out_ptr": t, **sizes, "temperature": "fp32", "scale": "fp32", **dropout},
+                "out_ptr": t, "batches": "i32", **sizes, "temperature": "fp32", "scale": "fp32", **dropout},
                 {"DROPOUT": True, **cfg}, warps, label),
             KernelSpec(routed_adapter_bwd_rows_kernel, {
                 "x_ptr": t, "dout_ptr": t, "weights_ptr": "*fp32", **params, "hidden_ptr": "*fp32",

@@ -17,11 +17,16 @@ class Hardware:
     name: str
     bandwidth: float  # bytes/s, read + write
     matrix_flops: float  # dense 16-bit matrix FLOP/s
+    l2_bytes: float  # last-level cache
+    sms: int
 
 
 # SPEC.md section 8: H100 copy bandwidth as measured on a machine of this workplace; A100 datasheet.
-H100 = Hardware("H100 SXM", 3.0e12, 800e12)
-A100 = Hardware("A100 80GB", 2.0e12, 312e12)
+# L2 sizes and SM counts: the vendors' datasheets.
+H100 = Hardware("H100 SXM", 3.0e12, 800e12, 50e6, 132)
+A100 = Hardware("A100 80GB", 2.0e12, 312e12, 40e6, 108)
+# Data re-read while at most this share of L2 is in flight is assumed to come from L2.
+L2_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -172,3 +177,49 @@ def llm_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, memory_ro
     attention = 4.0 * tokens * tokens * hidden  # q k^T and p v, causal halving ignored
     memvp = 4.0 * tokens * memory_rows * hidden
     return layers * (per_token * tokens + attention + memvp)
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    batch: int
+    tokens: int  # B x L
+    dim: int
+    rank: int
+    experts: int
+    itemsize: int = 2
+
+    @property
+    def weight_bytes(self) -> int:
+        d, r, e = self.dim, self.rank, self.experts
+        return self.itemsize * (r * d + r + e * d * r + e * d + e * d + e + self.batch * d)
+
+
+def routed_adapter_floor(s: AdapterShape) -> Cost:
+    """One read of x, one write of out, the weights once; the down and (mixed) up products."""
+    return Cost(2 * s.itemsize * s.tokens * s.dim + s.weight_bytes, 4.0 * s.tokens * s.dim * s.rank)
+
+
+def routed_adapter_triton(s: AdapterShape, block_l: int, block_r: int, programs: int, hw: Hardware) -> Cost:
+    """The persistent fused forward: x is read in two passes per block of rows; the second comes
+    from L2 when the blocks in flight (programs x block_l rows) fit in L2_SHARE of it. Products run
+    on the rank padded to block_r."""
+    in_flight = programs * block_l * s.dim * s.itemsize
+    second_read = 0 if in_flight <= L2_SHARE * hw.l2_bytes else s.itemsize * s.tokens * s.dim
+    return Cost(routed_adapter_floor(s).bytes + second_read, 4.0 * s.tokens * s.dim * block_r)
+
+
+def routed_adapter_eager(s: AdapterShape) -> list[Cost]:
+    """The unfused chain, expert by expert: h = x W_d^T + b_d, dropout, y_e = h W_u[e]^T + b_u[e],
+    w_e * y_e, the sum over experts, * scale, + x."""
+    e, n = s.itemsize, s.tokens
+    x, h = n * s.dim, n * s.rank
+    mm = 2.0 * n * s.dim * s.rank
+    per_expert = [Cost(e * (h + x), mm), Cost(e * 2 * x, 0)]  # y_e = h W_u[e]^T + b_u[e]; w_e * y_e
+    return [
+        Cost(e * (x + h), mm),  # h = x W_d^T + b_d
+        Cost(e * 2 * h + h, 0),  # dropout (writes a bool mask)
+        *per_expert * s.experts,
+        Cost(e * (s.experts * x + x), 0),  # sum over experts
+        Cost(e * 2 * x, 0),  # * scale
+        Cost(e * 3 * x, 0),  # + x
+    ]

@@ -1,0 +1,98 @@
+"""routed_adapter (LaVIN's mixture-of-modality adapter).
+
+Measured: CPU wall time of each backend that runs here against the eager PyTorch chain and
+torch.compile of it, forward and forward + backward, at a CPU-sized shape.
+Projected (no GPU here): H100 bytes and time of the fused Triton forward against the
+one-read-one-write floor and the eager chain at LLaMA-7B's shape (D = 4096, R = 8, E = 2,
+B x L = 16384 tokens).
+
+    pytest benchmarks/test_routed_adapter.py --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, launch_config
+
+from benchmarks.results import save_bar_chart, save_json
+from vlfast.costmodel import H100, AdapterShape, chain_seconds, routed_adapter_eager, routed_adapter_floor
+from vlfast.costmodel import routed_adapter_triton as triton_cost
+from vlfast.ops import routed_adapter
+from vlfast.ops.reference import routed_adapter_autograd
+
+CPU_SHAPE = (2, 64, 512, 2, 8)  # (B, L, D, E, R); small: the Triton interpreter runs it too
+compiled_eager = torch.compile(routed_adapter_autograd)
+
+IMPLEMENTATIONS = {
+    "vlfast-cpu": lambda *t: routed_adapter(*t, backend="cpu"),
+    "vlfast-torch": lambda *t: routed_adapter(*t, backend="torch"),
+    "vlfast-triton-interpreter": lambda *t: routed_adapter(*t, backend="triton"),
+    "eager": routed_adapter_autograd,
+    "torch.compile(eager)": compiled_eager,
+}
+
+
+def inputs(requires_grad: bool):
+    b, length, d, e, r = CPU_SHAPE
+    tensors = (torch.randn(b, length, d), torch.randn(b, d), torch.randn(e, d) * 0.02, torch.zeros(e),
+               torch.randn(r, d) * 0.02, torch.zeros(r), torch.randn(e, d, r) * 0.02, torch.zeros(e, d))
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def run(benchmark, name, fn):
+    if "interpreter" in name:
+        return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    return benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)  # warm-up compiles
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_cpu_forward(benchmark, name):
+    benchmark.group = "routed_adapter forward, CPU, float32, B=2 L=64 D=512 E=2 R=8"
+    tensors = inputs(requires_grad=False)
+    with torch.no_grad():
+        out = run(benchmark, name, lambda: IMPLEMENTATIONS[name](*tensors))
+    expected = routed_adapter_autograd(*[t.double() for t in tensors])
+    assert (out.double() - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_cpu_forward_backward(benchmark, name):
+    benchmark.group = "routed_adapter forward + backward, CPU, float32, B=2 L=64 D=512 E=2 R=8"
+    tensors = inputs(requires_grad=True)
+
+    def step():
+        for t in tensors:
+            t.grad = None
+        IMPLEMENTATIONS[name](*tensors).square().sum().backward()
+        return tensors[6].grad
+
+    grad = run(benchmark, name, step)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def projection() -> dict:
+    shape = AdapterShape(batch=16, tokens=16384, dim=4096, rank=8, experts=2)
+    cfg = launch_config(torch.empty(1, 1, 4096, dtype=torch.bfloat16, device="meta"), 8, 2, interpret=False)
+    floor = routed_adapter_floor(shape)
+    fused = triton_cost(shape, cfg["BLOCK_L"], cfg["BLOCK_R"], PROGRAMS_PER_SM * H100.sms, H100)
+    eager = routed_adapter_eager(shape)
+    return {
+        "shape": "B x L = 16384 tokens, D=4096 R=8 E=2 bf16 (forward)",
+        "floor_bytes": floor.bytes, "fused_bytes": fused.bytes, "eager_bytes": sum(c.bytes for c in eager),
+        "floor_us": floor.seconds(H100) * 1e6, "fused_us": fused.seconds(H100) * 1e6,
+        "eager_us": chain_seconds(eager, H100) * 1e6,
+        "fused_vs_floor": fused.seconds(H100) / floor.seconds(H100),
+        "eager_vs_floor": chain_seconds(eager, H100) / floor.seconds(H100),
+    }
+
+
+def test_projected_h100(benchmark):
+    """Labelled projection (the benchmark times the cost model; the numbers are in the results)."""
+    result = benchmark(projection)
+    benchmark.extra_info["projected_h100"] = result
+    save_json("routed_adapter_projected_h100", [result])
+    save_bar_chart("routed_adapter_projected_h100",
+                   f"routed_adapter, projected H100 time / one-read-one-write floor\n{result['shape']}",
+                   ["forward"], {"fused Triton": [result["fused_vs_floor"]], "eager PyTorch": [result["eager_vs_floor"]]},
+                   "x floor (projected)")
+    assert result["fused_vs_floor"] <= 1.2 < result["eager_vs_floor"]
