@@ -93,6 +93,7 @@ def test_projected_h100(benchmark):
     save_json("routed_adapter_projected_h100", [result])
     save_bar_chart("routed_adapter_projected_h100",
                    f"routed_adapter, projected H100 time / one-read-one-write floor\n{result['shape']}",
-                   ["forward"], {"fused Triton": [result["fused_vs_floor"]], "eager PyTorch": [result["eager_vs_floor"]]},
+                   ["forward"],
+                   {"fused Triton": [result["fused_vs_floor"]], "eager PyTorch": [result["eager_vs_floor"]]},
                    "x floor (projected)")
     assert result["fused_vs_floor"] <= 1.2 < result["eager_vs_floor"]
