@@ -45,6 +45,8 @@ TORCH_LIBRARY_IMPL(vlfast_C, CUDA, m) {
   m.impl("cross_attention_backward", &vlfast::cross_attention_backward_cuda);
   m.impl("memvp_memory_forward", &vlfast::memvp_memory_forward_cuda);
   m.impl("memvp_memory_backward", &vlfast::memvp_memory_backward_cuda);
+  m.impl("routed_adapter_forward", &vlfast::routed_adapter_forward_cuda);
+  m.impl("routed_adapter_backward_rows", &vlfast::routed_adapter_backward_rows_cuda);
 }
 #endif
 

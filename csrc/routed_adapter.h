@@ -23,4 +23,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_ad
     const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias, double scale,
     double dropout_p, int64_t seed);
 
+#ifdef VLFAST_WITH_CUDA
+at::Tensor routed_adapter_forward_cuda(const at::Tensor& x, const at::Tensor& router_input,
+                                       const at::Tensor& router_weight, const at::Tensor& router_bias,
+                                       const at::Tensor& down_weight, const at::Tensor& down_bias,
+                                       const at::Tensor& up_weight, const at::Tensor& up_bias, double temperature,
+                                       double scale, double dropout_p, int64_t seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_adapter_backward_rows_cuda(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& down_weight,
+    const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias, double scale,
+    double dropout_p, int64_t seed);
+#endif
+
 }  // namespace vlfast

@@ -24,16 +24,6 @@ namespace math = attention_math;
 
 constexpr int kKeyBlock = 32;  // keys per forward step
 
-// Copies rows [row0, row0 + rows) of a (len, dim) matrix into a (rows, DPad) shared tile, zero
-// outside the matrix, using every thread of the block.
-template <typename T, int DPad>
-__device__ void load_tile(T* tile, const T* src, int row0, int rows, int len, int dim) {
-  for (int e = threadIdx.x; e < rows * DPad; e += blockDim.x) {
-    const int r = e / DPad, c = e % DPad;
-    tile[e] = (row0 + r < len && c < dim) ? src[(int64_t)(row0 + r) * dim + c] : from_float<T>(0.f);
-  }
-}
-
 template <typename T, int DPad, int Warps>
 struct ForwardSmem {
   static constexpr int kRows = kTile * Warps;
@@ -61,7 +51,7 @@ cross_attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
   const int64_t bh = (int64_t)b * heads + h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_tile<T, DPad>(q_s, q + bh * q_len * dim, q0, kRows, q_len, dim);
+  load_tile<DPad, T>(q_s, q + bh * q_len * dim, nullptr, q0, kRows, q_len, 0, dim);
   for (int e = threadIdx.x; e < kRows * DPad; e += blockDim.x) o_s[e] = 0.f;
   for (int r = threadIdx.x; r < kRows; r += blockDim.x) { row_max[r] = -INFINITY; row_sum[r] = 0.f; }
 
@@ -74,8 +64,8 @@ cross_attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
 
   for (int j0 = 0; j0 < kv_len; j0 += kKeyBlock) {
     __syncthreads();  // previous block's k_s / v_s are no longer read
-    load_tile<T, DPad>(k_s, k + bh * kv_len * dim, j0, kKeyBlock, kv_len, dim);
-    load_tile<T, DPad>(v_s, v + bh * kv_len * dim, j0, kKeyBlock, kv_len, dim);
+    load_tile<DPad, T>(k_s, k + bh * kv_len * dim, nullptr, j0, kKeyBlock, kv_len, 0, dim);
+    load_tile<DPad, T>(v_s, v + bh * kv_len * dim, nullptr, j0, kKeyBlock, kv_len, 0, dim);
     for (int j = threadIdx.x; j < kKeyBlock; j += blockDim.x) {
       const bool in_range = j0 + j < kv_len;
       key_visible[j] = (in_range && (kv_mask == nullptr || kv_mask[(int64_t)b * kv_len + j0 + j])) ? 1.f : 0.f;
@@ -182,8 +172,8 @@ cross_attention_backward_kernel(const T* __restrict__ dout, const T* __restrict_
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kKeys;
   const int64_t bh = (int64_t)b * heads + h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_tile<T, DPad>(k_s, k + bh * kv_len * dim, j0, kKeys, kv_len, dim);
-  load_tile<T, DPad>(v_s, v + bh * kv_len * dim, j0, kKeys, kv_len, dim);
+  load_tile<DPad, T>(k_s, k + bh * kv_len * dim, nullptr, j0, kKeys, kv_len, 0, dim);
+  load_tile<DPad, T>(v_s, v + bh * kv_len * dim, nullptr, j0, kKeys, kv_len, 0, dim);
   for (int j = threadIdx.x; j < kKeys; j += blockDim.x) {
     const bool in_range = j0 + j < kv_len;
     key_visible[j] = (in_range && (kv_mask == nullptr || kv_mask[(int64_t)b * kv_len + j0 + j])) ? 1.f : 0.f;
@@ -203,8 +193,8 @@ cross_attention_backward_kernel(const T* __restrict__ dout, const T* __restrict_
 
   for (int i0 = 0; i0 < q_len; i0 += kTile) {
     __syncthreads();
-    load_tile<T, DPad>(q_s, q + bh * q_len * dim, i0, kTile, q_len, dim);
-    load_tile<T, DPad>(do_s, dout + bh * q_len * dim, i0, kTile, q_len, dim);
+    load_tile<DPad, T>(q_s, q + bh * q_len * dim, nullptr, i0, kTile, q_len, 0, dim);
+    load_tile<DPad, T>(do_s, dout + bh * q_len * dim, nullptr, i0, kTile, q_len, 0, dim);
     for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
       const bool valid = i0 + r < q_len;
       lse_s[r] = valid ? lse[bh * q_len + i0 + r] : INFINITY;  // +inf: probability 0

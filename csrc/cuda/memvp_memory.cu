@@ -44,21 +44,6 @@ Dropout make_dropout(double p, int64_t seed) {
 
 int padded_memory(int64_t memory) { return static_cast<int>((memory + kTile - 1) / kTile * kTile); }
 
-// rows [row0, row0 + rows) x columns [col0, col0 + kChunk) of a (len, dim) matrix into a
-// (rows, kChunk) tile; zero outside. With `add`, adds a second (len, dim) matrix (z + pos).
-template <typename T>
-__device__ void load_chunk(T* tile, const T* src, const T* add, int row0, int rows, int len, int col0, int dim) {
-  for (int e = threadIdx.x; e < rows * kChunk; e += blockDim.x) {
-    const int r = e / kChunk, c = e % kChunk, row = row0 + r, col = col0 + c;
-    float value = 0.f;
-    if (row < len && col < dim) {
-      value = to_float(src[(int64_t)row * dim + col]);
-      if (add != nullptr) value += to_float(add[(int64_t)row * dim + col]);
-    }
-    tile[e] = from_float<T>(value);
-  }
-}
-
 // acc (16 x mem_pad, fp32, in shared memory, leading dim mem_pad) += a (16 x kChunk) b^T where b
 // is a (mem_pad x kChunk) tile.
 template <typename T>
@@ -116,8 +101,8 @@ __device__ void pre_activation(float* pre, T* x_s, T* mem_s, const T* x, const T
                                int rows, int length, int memory, int mem_pad, int dim, int warp) {
   for (int d0 = 0; d0 < dim; d0 += kChunk) {
     __syncthreads();
-    load_chunk<T>(x_s, x, nullptr, row0, rows, length, d0, dim);
-    load_chunk(mem_s, z, key_pos, 0, mem_pad, memory, d0, dim);
+    load_tile<kChunk, T>(x_s, x, nullptr, row0, rows, length, d0, dim);
+    load_tile<kChunk>(mem_s, z, key_pos, 0, mem_pad, memory, d0, dim);
     __syncthreads();
     accumulate_rows_by_memory(pre + warp * kTile * mem_pad, x_s + warp * kTile * kChunk, mem_s, mem_pad, d0 == 0);
   }
@@ -154,7 +139,7 @@ memvp_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* 
   T* outb = out + (int64_t)b * length * dim;
   for (int d0 = 0; d0 < dim; d0 += kChunk) {
     __syncthreads();
-    load_chunk(mem_s, zb, value_pos, 0, mem_pad, memory, d0, dim);
+    load_tile<kChunk>(mem_s, zb, value_pos, 0, mem_pad, memory, d0, dim);
     __syncthreads();
     store_rows_times_memory(outb, act + warp * kTile * mem_pad, mem_s, staging + warp * kTile * kTile, mem_pad,
                             row0 + warp * kTile, length, d0, dim, lane);
@@ -200,7 +185,7 @@ memvp_backward_rows_kernel(const T* __restrict__ x, const T* __restrict__ z, con
   T* dxb = dx + (int64_t)b * length * dim;
   for (int d0 = 0; d0 < dim; d0 += kChunk) {
     __syncthreads();
-    load_chunk(mem_s, zb, key_pos, 0, mem_pad, memory, d0, dim);
+    load_tile<kChunk>(mem_s, zb, key_pos, 0, mem_pad, memory, d0, dim);
     __syncthreads();
     store_rows_times_memory(dxb, act, mem_s, staging, mem_pad, row0, length, d0, dim, lane);
   }

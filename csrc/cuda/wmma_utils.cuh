@@ -32,6 +32,22 @@ void dispatch_half_types(at::ScalarType dtype, const char* op, Fn&& fn) {
   else fn(TypeTag<__nv_bfloat16>{});
 }
 
+// Rows [row0, row0 + rows) x columns [col0, col0 + Cols) of a (len, dim) row-major matrix into a
+// (rows, Cols) shared tile, zero outside the matrix; with `add`, plus a second such matrix. All
+// threads of the block take part.
+template <int Cols, typename T>
+__device__ void load_tile(T* tile, const T* src, const T* add, int row0, int rows, int len, int col0, int dim) {
+  for (int e = threadIdx.x; e < rows * Cols; e += blockDim.x) {
+    const int r = e / Cols, c = e % Cols, row = row0 + r, col = col0 + c;
+    float value = 0.f;
+    if (row < len && col < dim) {
+      value = to_float(src[(int64_t)row * dim + col]);
+      if (add != nullptr) value += to_float(add[(int64_t)row * dim + col]);
+    }
+    tile[e] = from_float<T>(value);
+  }
+}
+
 // Lets a kernel use more than the default 48 KiB of dynamic shared memory.
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t bytes) {

@@ -21,12 +21,13 @@ from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
 MAX_RANK = 64
+MAX_CUDA_EXPERTS = 16  # csrc/cuda/routed_adapter.cu keeps the routing weights in shared memory
 # Fastest first on CPU tensors (benchmarks/test_routed_adapter.py).
 CPU_PREFERENCE = ("torch", "cpu")
 
 register_op("routed_adapter", {
     "triton": f"fp32, fp16, bf16; rank <= {MAX_RANK}; D <= {MAX_DIM}; CUDA tensors",
-    "cuda": "not written yet: use triton on GPUs",
+    "cuda": f"fp16, bf16 on tensor cores (sm_80+); rank <= {MAX_RANK}; E <= {MAX_CUDA_EXPERTS}; CUDA tensors",
     "cpu": f"fp32, fp16, bf16 (computed in fp32); rank <= {MAX_RANK}; D <= {MAX_DIM}; CPU tensors",
     "torch": "any floating dtype and device (the reference)",
 })
@@ -34,11 +35,14 @@ register_op("routed_adapter", {
 ARGUMENTS = ("x", "router_input", "router_weight", "router_bias", "down_weight", "down_bias", "up_weight", "up_bias")
 
 
-def unsupported_reason(backend: str, x: Tensor, rank: int) -> str | None:
+def unsupported_reason(backend: str, x: Tensor, rank: int, experts: int) -> str | None:
     if backend == "torch":
         return None
     if backend == "cuda":
-        return "the routed_adapter CUDA kernels are not written yet; use triton on GPUs"
+        if x.dtype == torch.float32:
+            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
+        if experts > MAX_CUDA_EXPERTS:
+            return f"cuda supports up to {MAX_CUDA_EXPERTS} experts, got {experts}"
     if x.dtype not in FLOAT_DTYPES:
         return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
     if x.shape[-1] > MAX_DIM:
@@ -170,7 +174,7 @@ def routed_adapter(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     seed = draw_dropout_seed(dropout_p, generator)
-    chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank),
+    chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank, experts),
                              CPU_PREFERENCE)
     return routed_adapter_fwd(*(t.contiguous() for t in given.values()), float(temperature), float(scale),
                               float(dropout_p), seed, chosen)
