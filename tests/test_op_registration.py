@@ -62,3 +62,26 @@ def test_memvp_memory_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
     for got, t in zip(grads, tensors, strict=True):
         torch.testing.assert_close(got, t.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_routed_adapter_compiles_without_graph_breaks(backend):
+    from vlfast.ops import routed_adapter
+    from vlfast.ops.reference import routed_adapter_autograd
+
+    def block(*tensors):
+        return routed_adapter(*tensors, temperature=2.0, backend=backend).square().sum()
+
+    tensors = [torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(3, 16), torch.randn(3), torch.randn(4, 16),
+               torch.randn(4), torch.randn(3, 16, 4), torch.randn(3, 16)]
+    tensors = [t.requires_grad_() for t in tensors]
+    loss = torch.compile(block, fullgraph=True)(*tensors)
+    loss.backward()
+    grads = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    expected = routed_adapter_autograd(*tensors, temperature=2.0).square().sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-5)
+    for got, t in zip(grads, tensors, strict=True):
+        torch.testing.assert_close(got, t.grad, atol=1e-3, rtol=1e-4)
