@@ -1,4 +1,5 @@
 """The lean vlfast model stack."""
 from vlfast.models.qformer import QFormer, QFormerConfig
+from vlfast.models.vpg import VPG, VPGConfig
 
-__all__ = ["QFormer", "QFormerConfig"]
+__all__ = ["VPG", "QFormer", "QFormerConfig", "VPGConfig"]

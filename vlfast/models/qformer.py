@@ -7,9 +7,7 @@ dropout is not applied (the fused op has none); everything else, hidden dropout 
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -156,8 +154,3 @@ def hf_qformer_state_dict(hf: dict[str, Tensor], config: QFormerConfig) -> dict[
     out["cross_key_value.weight"] = torch.cat(cross_weights)
     out["cross_key_value.bias"] = torch.cat(cross_biases)
     return out
-
-
-def save_config(config, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(asdict(config), indent=1))

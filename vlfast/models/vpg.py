@@ -1,0 +1,87 @@
+"""The visual prompt generator: ln_vision -> Q-Former over learned query tokens -> projector to an
+LLM's input width. What VPGTrans moves from one LLM to another."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlfast.models.qformer import QFormer, QFormerConfig, hf_qformer_state_dict
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class VPGConfig:
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    num_query_tokens: int = 32
+    llm_hidden_size: int = 2560
+    vision_layer_norm_eps: float = 1e-5
+
+    @property
+    def vision_width(self) -> int:
+        return self.qformer.encoder_hidden_size
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VPGConfig:
+        return cls(**{**values, "qformer": QFormerConfig(**values["qformer"])})
+
+
+class VPG(nn.Module):
+    """Image features (B, N, C) from a frozen vision tower -> visual prompts (B, Q, LLM width)."""
+
+    def __init__(self, config: VPGConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)
+        self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, config.qformer.hidden_size) * 0.02)
+        self.qformer = QFormer(config.qformer)
+        self.projector = nn.Linear(config.qformer.hidden_size, config.llm_hidden_size)
+
+    def forward(self, image_features: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        features = self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        return self.projector(self.qformer(queries, features, image_mask))
+
+    @classmethod
+    def from_hf(cls, model) -> VPG:
+        """BLIP-2's whole VPG from a Hugging Face `Blip2ForConditionalGeneration` (or a local
+        directory holding one): the vision tower's post-layernorm as ln_vision, the query tokens,
+        the Q-Former, and `language_projection` as the projector."""
+        if isinstance(model, (str, Path)):
+            from transformers import Blip2ForConditionalGeneration
+
+            model = Blip2ForConditionalGeneration.from_pretrained(model)
+        hf_config = model.config
+        config = VPGConfig(QFormerConfig.from_hf(hf_config.qformer_config), hf_config.num_query_tokens,
+                           model.language_projection.out_features, hf_config.vision_config.layer_norm_eps)
+        vpg = cls(config)
+        state = {f"qformer.{k}": v for k, v in hf_qformer_state_dict(model.qformer.state_dict(), config.qformer).items()}
+        norm = model.vision_model.post_layernorm
+        state.update({
+            "ln_vision.weight": norm.weight, "ln_vision.bias": norm.bias, "query_tokens": model.query_tokens,
+            "projector.weight": model.language_projection.weight, "projector.bias": model.language_projection.bias,
+        })
+        vpg.load_state_dict(state)
+        return vpg
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VPG:
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a directory written by VPG.save_pretrained")
+        vpg = cls(VPGConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())))
+        vpg.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return vpg
