@@ -12,8 +12,8 @@ from vlfast.models import VPG
 def blip2():
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=28, patch_size=14),
+        vision_config=Blip2VisionConfig(hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14),
         qformer_config=Blip2QFormerConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
                                           intermediate_size=70, encoder_hidden_size=40),
         text_config=OPTConfig(vocab_size=99, hidden_size=36, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,

@@ -61,7 +61,8 @@ class VPG(nn.Module):
         config = VPGConfig(QFormerConfig.from_hf(hf_config.qformer_config), hf_config.num_query_tokens,
                            model.language_projection.out_features, hf_config.vision_config.layer_norm_eps)
         vpg = cls(config)
-        state = {f"qformer.{k}": v for k, v in hf_qformer_state_dict(model.qformer.state_dict(), config.qformer).items()}
+        qformer_state = hf_qformer_state_dict(model.qformer.state_dict(), config.qformer)
+        state = {f"qformer.{k}": v for k, v in qformer_state.items()}
         norm = model.vision_model.post_layernorm
         state.update({
             "ln_vision.weight": norm.weight, "ln_vision.bias": norm.bias, "query_tokens": model.query_tokens,
