@@ -1,0 +1,114 @@
+"""`shapes`: a procedural image-text data set made locally, deterministic by seed, of any size.
+
+Each scene has one to three shapes (circle, square, triangle) with a colour, a size and a position
+(one of four quadrants, at most one shape per quadrant), rendered on a 48 x 48 canvas, with
+several caption phrasings and question-answer pairs. Sample i of a split is drawn from its own
+random stream seeded by (seed, split, i): splits never overlap and any sample can be made alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+           "purple": (150, 60, 190), "white": (240, 240, 240)}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("one", "two", "three")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+IMAGE_SIZE = 48
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeSpec, ...]
+    image: torch.Tensor  # (3, 48, 48) uint8
+    captions: tuple[str, ...]
+    questions: tuple[tuple[str, str], ...]  # (question, answer)
+
+
+def _render(objects: tuple[ShapeSpec, ...]) -> torch.Tensor:
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+    half = IMAGE_SIZE // 2
+    for obj in objects:
+        index = POSITIONS.index(obj.position)
+        cy, cx = half // 2 + half * (index // 2), half // 2 + half * (index % 2)
+        r = 10 if obj.size == "large" else 5
+        if obj.shape == "circle":
+            inside = (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+        elif obj.shape == "square":
+            inside = (np.abs(ys - cy) <= r) & (np.abs(xs - cx) <= r)
+        else:  # triangle pointing up
+            inside = (ys >= cy - r) & (ys <= cy + r) & (np.abs(xs - cx) <= (ys - (cy - r)) / 2)
+        image[inside] = COLOURS[obj.colour]
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def _captions(objects: tuple[ShapeSpec, ...]) -> tuple[str, ...]:
+    listed = " and ".join(obj.phrase() for obj in objects)
+    placed = " and ".join(f"{obj.phrase()} in the {obj.position}" for obj in objects)
+    count = NUMBERS[len(objects) - 1]
+    noun = "shape" if len(objects) == 1 else "shapes"
+    return (listed, f"there is {placed}", f"{count} {noun}: {listed}", f"an image of {listed}")
+
+
+def _questions(objects: tuple[ShapeSpec, ...]) -> tuple[tuple[str, str], ...]:
+    qa = [("how many shapes are there", NUMBERS[len(objects) - 1])]
+    for obj in objects:
+        qa.append((f"what colour is the shape in the {obj.position}", obj.colour))
+        qa.append((f"what shape is in the {obj.position}", obj.shape))
+        qa.append((f"how big is the {obj.colour} {obj.shape}", obj.size))
+    return tuple(qa)
+
+
+def make_scene(rng: np.random.Generator) -> Scene:
+    count = int(rng.integers(1, 4))
+    positions = rng.choice(len(POSITIONS), size=count, replace=False)
+    objects = tuple(
+        ShapeSpec(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+                  SIZES[rng.integers(len(SIZES))], POSITIONS[p])
+        for p in sorted(positions)
+    )
+    return Scene(objects, _render(objects), _captions(objects), _questions(objects))
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`size` scenes of one split; item i is the same for the same (seed, split, i)."""
+
+    def __init__(self, split: str = "train", size: int = 1000, seed: int = 0) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.split, self.size, self.seed = split, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Scene:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} scenes")
+        return make_scene(np.random.default_rng([self.seed, SPLITS[self.split], index]))
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption, question or answer can use."""
+    words = {"a", "and", "there", "is", "in", "the", "an", "image", "of", "shape", "shapes", "how", "many", "are",
+             "what", "colour", "big", "top", "bottom", "left", "right", ":"}
+    words |= set(SHAPES) | set(COLOURS) | set(SIZES) | set(NUMBERS)
+    return sorted(words)
