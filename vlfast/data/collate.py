@@ -1,0 +1,40 @@
+"""Batching captions for a causal LM: tokenise `prompt + caption + eos`, pad on the right, and
+label only the caption (-100 on prompt and pad positions; the model adds -100 for its query
+positions)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class CaptionCollator:
+    def __init__(self, tokenizer, *, prompt: str = "", max_length: int = 64) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (set tokenizer.pad_token)")
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer needs an eos token: captions must end")
+        self.tokenizer, self.prompt, self.max_length = tokenizer, prompt, max_length
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        rows, labels = [], []
+        for caption in captions:
+            text_ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids = (bos + prompt_ids + text_ids)[: self.max_length]
+            rows.append(ids)
+            labels.append(([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + text_ids)[: self.max_length])
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
+        }
+
+    def __call__(self, batch: Sequence[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+        images, captions = zip(*batch, strict=True)
+        return {"pixel_values": torch.stack(images), **self.tokenize(captions)}
