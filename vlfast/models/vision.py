@@ -1,0 +1,77 @@
+"""Frozen vision towers and the on-disk cache of their features.
+
+Any Hugging Face vision model whose output has `last_hidden_state` (B, N, C) works as a tower
+(CLIPVisionModel, Blip2VisionModel, ...). `tiny_vision_tower` builds the embedded default: a small
+randomly initialised, frozen CLIP ViT; random frozen features still carry the scene content.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def tiny_vision_tower(image_size: int = 48, patch_size: int = 6, width: int = 96, layers: int = 2,
+                      seed: int = 0) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    return CLIPVisionModel(config).eval().requires_grad_(False)
+
+
+def tower_width(tower: nn.Module) -> int:
+    return tower.config.hidden_size
+
+
+@torch.no_grad()
+def tower_features(tower: nn.Module, pixel_values: Tensor) -> Tensor:
+    """(B, N, C) features of a frozen tower."""
+    dtype = next(tower.parameters()).dtype
+    return tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+
+def fingerprint(tower: nn.Module, preprocessing: dict) -> str:
+    """Changes whenever the tower's config or weights or the preprocessing change."""
+    digest = hashlib.sha256(json.dumps(tower.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(preprocessing, sort_keys=True).encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Features of a frozen tower, computed once per (image, augmentation view) and read back
+    memory-mapped (fp16 .npy files under root/<fingerprint>/). A new tower or preprocessing gives
+    a new fingerprint, so stale features are never read."""
+
+    def __init__(self, root: str | Path, tower: nn.Module, preprocessing: dict) -> None:
+        self.tower = tower
+        self.directory = Path(root) / fingerprint(tower, preprocessing)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.directory / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
+
+    def features(self, keys: list[str], pixel_values: Tensor) -> Tensor:
+        """(B, N, C) float32 features of images `pixel_values` identified by `keys` (image id and
+        augmentation view); only the missing ones run through the tower."""
+        if len(keys) != pixel_values.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {pixel_values.shape[0]} images")
+        missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        if missing:
+            computed = tower_features(self.tower, pixel_values[missing]).to(torch.float16).cpu().numpy()
+            for row, i in enumerate(missing):
+                temporary = self._path(keys[i]).with_suffix(".tmp.npy")
+                np.save(temporary, computed[row])
+                temporary.replace(self._path(keys[i]))  # atomic: a reader never sees half a file
+        return torch.stack([torch.from_numpy(np.load(self._path(k), mmap_mode="r").astype(np.float32)) for k in keys])
