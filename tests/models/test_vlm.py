@@ -1,0 +1,99 @@
+"""VisionLanguageModel on the shapes data with tiny Llama / OPT LLMs saved and reloaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+from tests.data.test_coco_and_collate import word_tokenizer
+from tests.tiny_models import TINY_MODELS
+from vlfast.data.collate import CaptionCollator
+from vlfast.data.shapes import ShapesDataset
+from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
+from vlfast.models.vision import tiny_vision_tower
+
+WORDS = ["a", "red", "circle", "describe", "the", "image", ":"]
+
+
+def caption_of(scene) -> str:
+    """The first object's colour-free description in the tiny tokenizer's words ('a red circle' or 'a circle')."""
+    obj = scene.objects[0]
+    return "a red circle" if obj.colour == "red" else "a circle"
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def parts(request, tmp_path):
+    llm = TINY_MODELS[request.param]()
+    with torch.no_grad():  # weights of std 0.2 instead of 0.02: an LLM whose output depends on its context
+        for p in llm.parameters():
+            if p.ndim == 2:
+                p.mul_(10)
+    llm.save_pretrained(tmp_path / "llm")
+    tiny_vision_tower().save_pretrained(tmp_path / "tower")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    tower = CLIPVisionModel.from_pretrained(tmp_path / "tower")
+    config = VPGConfig(QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                                     encoder_hidden_size=96, hidden_dropout=0.0), num_query_tokens=4,
+                       llm_hidden_size=64)
+    return tower, llm, config
+
+
+def batch(collate, start, size=8):
+    data = ShapesDataset("train", 64)
+    scenes = [data[i] for i in range(start, start + size)]
+    pixels = torch.stack([s.image for s in scenes]).float() / 127.5 - 1
+    return collate([(p, caption_of(s)) for p, s in zip(pixels, scenes, strict=True)])
+
+
+@pytest.mark.parametrize("connector, mma", [("input", None), ("memory", None), ("input", {"rank": 4})])
+def test_trains_and_generates(parts, connector, mma):
+    tower, llm, config = parts
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tower, VPG(config), llm, connector=connector, mma=mma, tokenizer=word_tokenizer())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(not p.requires_grad for p in model.llm.parameters() if p.ndim and p.shape[0] == 97)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    collate = CaptionCollator(word_tokenizer(), prompt="describe the image :")
+    fixed = batch(collate, 0)
+    losses = []
+    for step in range(25):
+        b = batch(collate, 8 * (step % 4))
+        loss = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            losses.append(model(fixed["input_ids"], fixed["attention_mask"], fixed["labels"],
+                                pixel_values=fixed["pixel_values"]).item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    prompt = word_tokenizer()(["<bos> describe the image :"] * 2, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(prompt["input_ids"], prompt["attention_mask"], pixel_values=fixed["pixel_values"][:2],
+                         max_new_tokens=4, do_sample=False, pad_token_id=0)
+    text = word_tokenizer().batch_decode(out, skip_special_tokens=True)
+    assert len(text) == 2 and all(isinstance(t, str) for t in text)
+
+
+def test_cached_features_give_the_same_loss(parts):
+    tower, llm, config = parts
+    model = VisionLanguageModel(tower, VPG(config), llm).eval()
+    b = batch(CaptionCollator(word_tokenizer()), 0, size=3)
+    features = tower(pixel_values=b["pixel_values"]).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(model(b["input_ids"], b["attention_mask"], b["labels"], image_features=features),
+                                   model(b["input_ids"], b["attention_mask"], b["labels"],
+                                         pixel_values=b["pixel_values"]))
+
+
+def test_mismatched_parts_are_reported(parts):
+    tower, llm, config = parts
+    wrong = VPGConfig(config.qformer, num_query_tokens=4, llm_hidden_size=80)
+    with pytest.raises(ValueError, match="the VPG projects to 80 but the LLM's hidden size is 64"):
+        VisionLanguageModel(tower, VPG(wrong), llm)
+    with pytest.raises(ValueError, match="emits 96-wide features but the VPG reads 40"):
+        VisionLanguageModel(tower, VPG(VPGConfig(QFormerConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                               encoder_hidden_size=40), 4, 64)), llm)
+    with pytest.raises(ValueError, match="connector must be one of"):
+        VisionLanguageModel(tower, VPG(config), llm, connector="prefix")
+    model = VisionLanguageModel(tower, VPG(config), llm)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
+        model.visual_prompts()

@@ -1,0 +1,105 @@
+"""A frozen vision tower, a trainable VPG and a frozen causal LLM, joined by one of two connectors:
+
+- `input`: BLIP-2's soft prompts, the VPG's output placed before the text embeddings;
+- `memory`: MemVP, the VPG's output as extra key/value rows of every FFN (vlfast.patch.apply_memvp);
+
+optionally with LaVIN's mixture-of-modality adapters in the LLM (vlfast.patch.apply_mma).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from vlfast.data.collate import IGNORE_INDEX
+from vlfast.models.vision import tower_features, tower_width
+from vlfast.models.vpg import VPG
+from vlfast.patch import apply_memvp, apply_mma, modality, visual_memory
+
+CONNECTORS = ("input", "memory")
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
+                 mma: dict | None = None, tokenizer=None) -> None:
+        """vision_tower may be None when the caller always passes cached image features. mma:
+        keyword arguments of apply_mma, or None for no adapters."""
+        super().__init__()
+        if connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
+        llm_width = llm.get_input_embeddings().embedding_dim
+        if vpg.config.llm_hidden_size != llm_width:
+            raise ValueError(f"the VPG projects to {vpg.config.llm_hidden_size} but the LLM's hidden size is "
+                             f"{llm_width}: build the VPG with llm_hidden_size={llm_width}")
+        if vision_tower is not None and tower_width(vision_tower) != vpg.config.vision_width:
+            raise ValueError(f"the vision tower emits {tower_width(vision_tower)}-wide features but the VPG reads "
+                             f"{vpg.config.vision_width}")
+        if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
+                             f"{llm.get_input_embeddings().num_embeddings}")
+        self.vision_tower = vision_tower.eval().requires_grad_(False) if vision_tower is not None else None
+        self.vpg, self.llm, self.connector, self.tokenizer = vpg, llm, connector, tokenizer
+        llm.requires_grad_(False)
+        if connector == "memory":
+            apply_memvp(llm, vpg.config.num_query_tokens)
+        if mma is not None:
+            apply_mma(llm, **mma)
+
+    def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        if image_features is None:
+            if self.vision_tower is None:
+                raise ValueError("this model has no vision tower: pass cached image_features")
+            image_features = tower_features(self.vision_tower, pixel_values)
+        return self.vpg(image_features)
+
+    def _run(self, fn, prompts: Tensor, modalities):
+        """fn(prompts) inside the connector's and the adapters' context."""
+        adapters = modality(self.llm, modalities) if hasattr(self.llm, "vlfast_mma") else contextlib.nullcontext()
+        memory = visual_memory(self.llm, prompts) if self.connector == "memory" else contextlib.nullcontext()
+        with adapters, memory:
+            return fn(prompts)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, *,
+                pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+        """The LM loss on `labels` (-100 ignored), or the logits when labels is None."""
+        prompts = self.visual_prompts(pixel_values, image_features)
+        modalities = ["image"] * input_ids.shape[0]
+
+        def run(prompts):
+            if self.connector == "memory":
+                out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                return out.loss if labels is not None else out.logits
+            embeds, mask = self._prepend(prompts, input_ids, attention_mask)
+            queries = prompts.shape[1]
+            if labels is not None:
+                labels_ = nn.functional.pad(labels, (queries, 0), value=IGNORE_INDEX)
+                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_).loss
+            return self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, queries:]
+
+        return self._run(run, prompts, modalities)
+
+    def _prepend(self, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        text = self.llm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
+        mask = nn.functional.pad(attention_mask, (prompts.shape[1], 0), value=1)
+        return embeds, mask
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pixel_values: Tensor | None = None,
+                 image_features: Tensor | None = None, **generate_kwargs) -> Tensor:
+        """Continuations of the prompts `input_ids` (new tokens only) given the images."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompts = self.visual_prompts(pixel_values, image_features)
+        modalities = ["image"] * input_ids.shape[0]
+
+        def run(prompts):
+            if self.connector == "memory":
+                out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+                return out[:, input_ids.shape[1]:]
+            embeds, mask = self._prepend(prompts, input_ids, attention_mask)
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+        return self._run(run, prompts, modalities)
