@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vlfast.kernels.utils import KernelSpec, interpreting, new_output, pointer_type, storage_dtype
+from vlfast.kernels.utils import KernelSpec, dot_options, new_output, pointer_type, storage_dtype
 
 
 @triton.jit
@@ -144,7 +144,6 @@ def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -
     """Launch options for a problem; shared by the launchers and the static report (which
     compiles for a GPU, so passes interpret=False). Chosen from the report: no spills on sm_80 and
     sm_90 at the sizes it lists."""
-    interpret = interpreting() if interpret is None else interpret
     q_len, head_dim = q.shape[2], q.shape[3]
     block_d = max(16, triton.next_power_of_2(head_dim))
     narrow = q.element_size() == 2 and block_d <= 64
@@ -154,10 +153,7 @@ def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -
         "BLOCK_N": 64 if narrow else 32,
         "BLOCK_D": block_d,
         "num_warps": 4 if narrow else 8,
-        # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
-        "DOT_FP32": q.dtype == torch.bfloat16 and interpret,
-        # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
-        "PRECISION": "tf32x3" if q.dtype == torch.float32 else "tf32",
+        **dot_options(q, interpret),
     }
 
 

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from vlfast.kernels.utils import (
     KernelSpec,
+    dot_options,
     dropout_args,
     dropout_factor,
-    interpreting,
     new_output,
     pointer_type,
     storage_dtype,
@@ -174,16 +174,6 @@ def max_memory(dtype: torch.dtype) -> int:
     return 128 if dtype == torch.float32 else 512
 
 
-def _dot_options(x: torch.Tensor, interpret: bool | None) -> dict:
-    interpret = interpreting() if interpret is None else interpret
-    return {
-        # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
-        "DOT_FP32": x.dtype == torch.bfloat16 and interpret,
-        # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
-        "PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
-    }
-
-
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
     """Launch options of the row kernels: the whole memory per program; wide tiles (memory >= 256
     16-bit or >= 128 fp32 elements) get 16 rows, 16-wide D chunks and 8 warps to stay in registers."""
@@ -194,12 +184,12 @@ def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -
         "BLOCK_M": block_m,
         "BLOCK_D": 16 if wide else 32,
         "num_warps": 8 if wide else 4,
-        **_dot_options(x, interpret),
+        **dot_options(x, interpret),
     }
 
 
 def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict:
-    return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **_dot_options(x, interpret)}
+    return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **dot_options(x, interpret)}
 
 
 def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:

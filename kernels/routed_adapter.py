@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from vlfast.kernels.utils import (
     KernelSpec,
+    dot_options,
     dropout_args,
     dropout_factor,
-    interpreting,
     new_output,
     pointer_type,
     storage_dtype,
@@ -210,16 +210,6 @@ def routed_adapter_bwd_columns_kernel(
              mask=(ranks[:, None] < rank) & (cols[None, :] < dim))
 
 
-def _dot_options(x: torch.Tensor, interpret: bool | None) -> dict:
-    interpret = interpreting() if interpret is None else interpret
-    return {
-        # The interpreter multiplies raw bf16 bit patterns in tl.dot: compute those dots in fp32.
-        "DOT_FP32": x.dtype == torch.bfloat16 and interpret,
-        # fp32 inputs keep fp32 accuracy on tensor cores with 3-pass tf32.
-        "PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
-    }
-
-
 def _tiles(x: torch.Tensor, rank: int) -> dict:
     """The rank padded to a tensor-core tile; D chunks of 64 columns on 4 warps, or 32 on 8 warps
     when the rank tile is wide (>= 32 fp16 or 16 fp32 elements) - no spills on sm_80 / sm_90."""
@@ -234,7 +224,7 @@ ROWS_PER_BLOCK = 16  # with 2 programs per SM, an H100 holds 264 x 16 x D x 2 by
 def launch_config(x: torch.Tensor, rank: int, experts: int, interpret: bool | None = None) -> dict:
     """Launch options of the row kernels."""
     return {"BLOCK_L": ROWS_PER_BLOCK, "BLOCK_E": max(2, triton.next_power_of_2(experts)), **_tiles(x, rank),
-            **_dot_options(x, interpret)}
+            **dot_options(x, interpret)}
 
 
 def columns_config(x: torch.Tensor, rank: int, interpret: bool | None = None) -> dict:
@@ -245,7 +235,7 @@ def columns_config(x: torch.Tensor, rank: int, interpret: bool | None = None) ->
         tiles.update(BLOCK_L=16, BLOCK_D=32 if x.element_size() == 2 else 16, num_warps=4)
     else:
         tiles.update(BLOCK_L=32)
-    return {**tiles, **_dot_options(x, interpret)}
+    return {**tiles, **dot_options(x, interpret)}
 
 
 PROGRAMS_PER_SM = 2

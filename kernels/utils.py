@@ -18,6 +18,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_options(x: torch.Tensor, interpret: bool | None = None) -> dict:
+    """tl.dot settings for inputs like x: DOT_FP32 computes bf16 dots in fp32 under the interpreter
+    (which multiplies raw bf16 bit patterns); fp32 inputs keep fp32 accuracy on tensor cores with
+    3-pass tf32."""
+    interpret = interpreting() if interpret is None else interpret
+    return {
+        "DOT_FP32": x.dtype == torch.bfloat16 and interpret,
+        "PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
+    }
+
+
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel writes a result of `dtype` in. Triton's interpreter converts fp32 to bf16
     by truncation where GPUs round to nearest, so under it bf16 results are written in fp32 and

@@ -6,7 +6,7 @@ import torch
 from vlfast.kernels.utils import poisoned_outputs
 
 import vlfast
-from tests.tolerance import assert_close_to_reference
+from tests.oracle import assert_close_to_reference, forward_backward
 from vlfast.ops import BackendUnsupportedError, cross_attention, use_backend
 from vlfast.ops.reference import cross_attention_autograd
 
@@ -34,13 +34,6 @@ def make_inputs(shape, dtype, masked: bool):
     return (q, k, v), dout, mask
 
 
-def forward_backward(fn, tensors, dout, mask, dtype):
-    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in tensors]
-    out = fn(*leaves, mask)
-    out.backward(dout.to(dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -49,12 +42,14 @@ def test_matches_float64_reference(backend, dtype, shape, masked):
     tensors, dout, mask = make_inputs(shape, dtype, masked)
     # The reference sees the same dtype-rounded inputs, so only the computation's error is compared.
     tensors, dout = [t.to(dtype).double() for t in tensors], dout.to(dtype).double()
-    ref_out, ref_grads = forward_backward(cross_attention_autograd, tensors, dout, mask, torch.float64)
-    plain_out, plain_grads = forward_backward(cross_attention_autograd, tensors, dout, mask, dtype)
+    def oracle(q, k, v):
+        return cross_attention_autograd(q, k, v, mask)
+
+    ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
+    plain_out, plain_grads = forward_backward(oracle, tensors, dout, dtype)
     with poisoned_outputs():
-        out, grads = forward_backward(
-            lambda q, k, v, m: cross_attention(q, k, v, m, backend=backend), tensors, dout, mask, dtype
-        )
+        out, grads = forward_backward(lambda q, k, v: cross_attention(q, k, v, mask, backend=backend), tensors, dout,
+                                      dtype)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
     for name, got, ref, plain in zip(("dq", "dk", "dv"), grads, ref_grads, plain_grads, strict=True):

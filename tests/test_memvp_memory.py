@@ -6,7 +6,7 @@ import torch
 from vlfast.kernels.memvp_memory import max_memory
 from vlfast.kernels.utils import poisoned_outputs
 
-from tests.tolerance import assert_close_to_reference
+from tests.oracle import assert_close_to_reference, forward_backward, seed_of
 from vlfast.ops import BackendUnsupportedError, memvp_memory
 from vlfast.ops.reference import dropout_keep_mask, memvp_memory_autograd
 
@@ -32,19 +32,6 @@ def make_inputs(shape):
     value_pos = torch.randn(m, d, dtype=torch.float64)
     dout = torch.randn(b, length, d, dtype=torch.float64)
     return (x, z, key_pos, value_pos), dout
-
-
-def forward_backward(fn, tensors, dout, dtype):
-    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    out.backward(dout.to(dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
-def seed_of(generator_seed: int) -> int:
-    """The seed memvp_memory draws from a generator in this state."""
-    generator = torch.Generator().manual_seed(generator_seed)
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
 
 
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)

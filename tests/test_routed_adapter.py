@@ -5,7 +5,7 @@ import pytest
 import torch
 from vlfast.kernels.utils import poisoned_outputs
 
-from tests.tolerance import assert_close_to_reference
+from tests.oracle import assert_close_to_reference, forward_backward, seed_of
 from vlfast.ops import BackendUnsupportedError, routed_adapter
 from vlfast.ops.reference import dropout_keep_mask, routed_adapter_autograd
 
@@ -29,18 +29,6 @@ def make_inputs(shape):
         torch.randn(b, length, d), torch.randn(b, d), torch.randn(e, d) / d**0.5, torch.randn(e),
         torch.randn(r, d) / d**0.5, torch.randn(r) * 0.1, torch.randn(e, d, r) / r**0.5, torch.randn(e, d) * 0.1,
     ], torch.randn(b, length, d)
-
-
-def forward_backward(fn, tensors, dout, dtype):
-    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    out.backward(dout.to(dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
-def seed_of(generator_seed: int) -> int:
-    generator = torch.Generator().manual_seed(generator_seed)
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
 
 
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)

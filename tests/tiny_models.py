@@ -23,3 +23,12 @@ def tiny_opt() -> OPTForCausalLM:
 
 
 TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+def tokens(batch: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, 90, (batch, length))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.tiny_models import HIDDEN, TINY_MODELS
+from tests.tiny_models import HIDDEN, TINY_MODELS, logits, tokens
 from vlfast.ops import use_backend
 from vlfast.patch import apply_memvp, revert_memvp, set_visual_memory, visual_memory
 
@@ -15,15 +15,6 @@ MEMORY = 6
 @pytest.fixture(params=list(TINY_MODELS))
 def model(request):
     return TINY_MODELS[request.param]()
-
-
-def tokens(batch=2, length=9):
-    return torch.randint(3, 90, (batch, length))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_logits_equal_original_at_init(model):

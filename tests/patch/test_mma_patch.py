@@ -5,22 +5,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.tiny_models import HIDDEN, TINY_MODELS
+from tests.tiny_models import HIDDEN, TINY_MODELS, logits, tokens
 from vlfast.patch import apply_mma, merge_mma, modality, revert_mma, set_modality
 
 
 @pytest.fixture(params=list(TINY_MODELS))
 def model(request):
     return TINY_MODELS[request.param]()
-
-
-def tokens(batch=2, length=9):
-    return torch.randint(3, 90, (batch, length))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def randomise_up_projections(mma, std=0.3):

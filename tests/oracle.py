@@ -21,3 +21,17 @@ def assert_close_to_reference(
     floor = FP32_NOISE * max(scale, 1.0) + 0.5 * torch.finfo(got.dtype).eps * scale
     bound = factor * plain_err + floor
     assert err <= bound, f"{name}: max error {err:.3e} > {factor} x plain PyTorch's {plain_err:.3e} + {floor:.1e}"
+
+
+def forward_backward(fn, tensors, dout, dtype):
+    """fn's output and the gradients of its tensor arguments, run in `dtype` on copies of tensors."""
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def seed_of(generator_seed: int) -> int:
+    """The dropout seed an op draws from a generator seeded with generator_seed."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
