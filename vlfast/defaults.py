@@ -1,0 +1,167 @@
+"""The embedded default: everything `python -m vlfast.transfer` needs with no download.
+
+- a word-level tokenizer for the `shapes` vocabulary (a Hugging Face fast tokenizer);
+- a tiny frozen vision tower (vlfast.models.vision.tiny_vision_tower);
+- two small Llama-architecture LMs of different widths and depths ("source" and "target"),
+  pretrained briefly on the caption language: half plain captions, half
+  `<attribute words> <bos> caption <eos>` so they learn to use earlier context (SPEC.md section 9).
+
+Built on first use on the CPU and cached under $VLFAST_CACHE (default ~/.cache/vlfast)/defaults
+with a manifest; later calls load them. Each part is written to a temporary folder and renamed,
+so an interrupted build never leaves a half-written part behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlfast.data.shapes import make_scene, vocabulary
+
+VERSION = 1
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    steps: int
+    seed: int
+
+
+# Both reach the caption language's loss floor (~0.8 nats/token: captions are only predictable from
+# their prefix) within ~60 steps of 32 sequences.
+LMS = {
+    "source": LMSpec(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=352, steps=80, seed=1),
+    "target": LMSpec(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=688, steps=80, seed=2),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLFAST_CACHE", Path.home() / ".cache" / "vlfast")) / "defaults"
+
+
+def _atomic_build(path: Path, build) -> Path:
+    if path.exists():
+        return path
+    partial = path.with_name(path.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        build(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(path)
+    return path
+
+
+def shapes_tokenizer(root: Path | None = None):
+    """The word-level tokenizer of the shapes vocabulary (built once, then loaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def build(directory: Path) -> None:
+        words = list(SPECIAL_TOKENS) + vocabulary()
+        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                            eos_token="<eos>", unk_token="<unk>")
+        tokenizer.save_pretrained(directory)
+
+    path = _atomic_build((root or cache_root()) / "tokenizer", build)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def caption_text(rng: np.random.Generator) -> str:
+    """One pretraining sequence: a caption, or attribute words, <bos>, then the caption."""
+    scene = make_scene(rng)
+    caption = scene.captions[int(rng.integers(len(scene.captions)))].replace(":", " :")
+    if rng.random() < 0.5:
+        return f"<bos> {caption} <eos>"
+    words = [w for obj in scene.objects for w in (obj.size, obj.colour, obj.shape)]
+    return f"{' '.join(words)} <bos> {caption} <eos>"
+
+
+def _train_lm(spec: LMSpec, tokenizer, directory: Path, progress: tqdm) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(spec.seed)
+    for step in range(spec.steps):
+        batch = tokenizer([caption_text(rng) for _ in range(32)], padding=True, return_tensors="pt",
+                          add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:  # linear decay to 10%
+            group["lr"] = 3e-3 * (1 - 0.9 * (step + 1) / spec.steps)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval().save_pretrained(directory)
+    (directory / "final_loss.json").write_text(json.dumps({"loss": loss.item()}))
+
+
+def default_lm(name: str, root: Path | None = None):
+    """The embedded 'source' or 'target' LM (trained once, then loaded), frozen, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    if name not in LMS:
+        raise ValueError(f"name must be one of {tuple(LMS)}, got {name!r}")
+    root = root or cache_root()
+    tokenizer = shapes_tokenizer(root)
+    spec = LMS[name]
+
+    def build(directory: Path) -> None:
+        with tqdm(total=spec.steps, desc=f"pretraining the {name} LM", leave=False) as progress:
+            _train_lm(spec, tokenizer, directory, progress)
+
+    path = _atomic_build(root / f"lm-{name}", build)
+    return LlamaForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+
+
+def default_vision_tower(root: Path | None = None):
+    from transformers import CLIPVisionModel
+
+    from vlfast.models.vision import tiny_vision_tower
+
+    path = _atomic_build((root or cache_root()) / "vision-tower", lambda d: tiny_vision_tower().save_pretrained(d))
+    return CLIPVisionModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+def build_all(root: Path | None = None) -> dict:
+    """Build (or load) every default part and write the manifest; returns it."""
+    root = root or cache_root()
+    start = time.perf_counter()
+    parts = {"tokenizer": shapes_tokenizer(root), "vision-tower": default_vision_tower(root)}
+    for name in LMS:
+        parts[f"lm-{name}"] = default_lm(name, root)
+    manifest = {
+        "version": VERSION,
+        "parts": {name: str(root / name) for name in parts},
+        "lms": {name: {**asdict(spec), "parameters": sum(p.numel() for p in parts[f"lm-{name}"].parameters())}
+                for name, spec in LMS.items()},
+        "seconds_to_load_or_build": round(time.perf_counter() - start, 1),
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
