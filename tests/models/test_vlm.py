@@ -92,6 +92,8 @@ def test_mismatched_parts_are_reported(parts):
     with pytest.raises(ValueError, match="emits 96-wide features but the VPG reads 40"):
         VisionLanguageModel(tower, VPG(VPGConfig(QFormerConfig(hidden_size=32, num_layers=1, num_heads=2,
                                                                encoder_hidden_size=40), 4, 64)), llm)
+    with pytest.raises(ValueError, match="the tokenizer has 200 tokens but the LLM embeds only 97"):
+        VisionLanguageModel(tower, VPG(config), llm, tokenizer=list(range(200)))
     with pytest.raises(ValueError, match="connector must be one of"):
         VisionLanguageModel(tower, VPG(config), llm, connector="prefix")
     model = VisionLanguageModel(tower, VPG(config), llm)
