@@ -47,9 +47,11 @@ def train_word_converter(source_embeddings: Tensor, target_embeddings: Tensor, p
 
 
 def cosine_loss(converter: nn.Linear, source_embeddings: Tensor, target_embeddings: Tensor, pairs: Tensor) -> float:
+    """The converter's mean 1 - cos over the token pairs."""
     with torch.no_grad():
         mapped = converter(source_embeddings.float()[pairs[:, 0]])
-        return (1 - nn.functional.cosine_similarity(mapped, target_embeddings.float()[pairs[:, 1]], dim=-1)).mean().item()
+        cosine = nn.functional.cosine_similarity(mapped, target_embeddings.float()[pairs[:, 1]], dim=-1)
+        return (1 - cosine).mean().item()
 
 
 @torch.no_grad()
