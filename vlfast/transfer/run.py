@@ -83,7 +83,7 @@ def _evaluate(model: VisionLanguageModel, features, batches) -> float:
 
 
 def _batches(collate, captions, batch_size, generator=None):
-    order = torch.randperm(len(captions), generator=generator) if generator is not None else torch.arange(len(captions))
+    order = torch.arange(len(captions)) if generator is None else torch.randperm(len(captions), generator=generator)
     for rows in order.split(batch_size):
         yield rows, collate.tokenize([captions[i] for i in rows])
 
@@ -172,7 +172,7 @@ def run(config: TransferConfig) -> dict:
         report["scratch_best_epoch"] = best_epoch
         report["transfer_epochs_to_scratch_best"] = reached
         report["speedup"] = best_epoch / reached if reached else None
-        report["speedup_wall"] = (scratch_run.wall[best_epoch - 1] / transfer_run.wall[reached - 1]) if reached else None
+        report["speedup_wall"] = scratch_run.wall[best_epoch - 1] / transfer_run.wall[reached - 1] if reached else None
     report["total_s"] = round(time.perf_counter() - begin, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
