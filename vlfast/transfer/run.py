@@ -24,7 +24,8 @@ from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, 
 class TransferConfig:
     train_images: int = 2000
     val_images: int = 200
-    epochs: int = 6
+    epochs: int = 6  # budget of the transfer and scratch runs on the target LM
+    source_epochs: int = 15  # the source VPG's training (not part of the transfer's cost)
     batch_size: int = 64
     lr: float = 1e-3
     stage1_lr_multiplier: float = 5.0
@@ -39,7 +40,7 @@ class TransferConfig:
 
     @classmethod
     def smoke(cls) -> TransferConfig:
-        return cls(train_images=64, val_images=16, epochs=2, batch_size=16, converter_epochs=1)
+        return cls(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16, converter_epochs=1)
 
 
 @dataclass
@@ -120,7 +121,6 @@ def epochs_to_reach(history: list[float], target: float) -> int | None:
 
 
 def run(config: TransferConfig) -> dict:
-    torch.manual_seed(config.seed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
@@ -128,6 +128,7 @@ def run(config: TransferConfig) -> dict:
     tokenizer, tower = defaults.shapes_tokenizer(), defaults.default_vision_tower()
     source_lm, target_lm = defaults.default_lm("source"), defaults.default_lm("target")
     build_s = time.perf_counter() - begin
+    torch.manual_seed(config.seed)  # the same runs whether the default parts were just built or loaded
     cache_dir = defaults.cache_root().parent / "features"
     collate = CaptionCollator(tokenizer)
     data = (_features(config, tower, "train", config.train_images, cache_dir),
@@ -140,8 +141,8 @@ def run(config: TransferConfig) -> dict:
     # 1. The source VPG, trained on the source LM.
     source = VisionLanguageModel(None, _vpg(config, width, source_lm.config.hidden_size), source_lm)
     source_run = RunResult()
-    train(source, list(source.vpg.parameters()), constant(config.lr), config.epochs, data, config, "source VPG",
-          source_run, time.perf_counter())
+    train(source, list(source.vpg.parameters()), constant(config.lr), config.source_epochs, data, config,
+          "source VPG", source_run, time.perf_counter())
 
     # 2. Transfer: converter, merged projector, stage 1 (projector, 5x lr, 1 epoch), stage 2 (all, cosine).
     start = time.perf_counter()
