@@ -118,7 +118,7 @@ def test_projected_h100_roofline(benchmark):
     (The benchmark times the cost model itself; the numbers of interest are in the results.)
     The Q-Former's 32 queries fit one query block, so K and V are read once; 256 queries (not a
     Q-Former shape, shown for contrast) take 8 blocks, each reading K and V again, and the backward
-    then adds dK and dV with fp32 atomics: projected slower than eager there (a known weakness)."""
+    adds a dK / dV kernel that reads Q and dO once per key block."""
     rows = benchmark(lambda: projection(torch.bfloat16) + projection(torch.bfloat16, queries=256))
     benchmark.extra_info["projected_h100"] = rows
     save_json("cross_attention_projected_h100", rows)
@@ -132,5 +132,6 @@ def test_projected_h100_roofline(benchmark):
         "x floor (projected)",
     )
     for r in rows:
+        assert r["fused_vs_floor"] < r["eager_vs_floor"], r
         if f"Lq={QUERIES} " in r["shape"]:  # the Q-Former shape, the kernels' target
-            assert r["fused_vs_floor"] <= 1.3 < r["eager_vs_floor"], r
+            assert r["fused_vs_floor"] <= 1.3, r

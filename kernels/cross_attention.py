@@ -4,7 +4,8 @@ Tuned for the Q-Former: 32 query tokens attend to 257 image tokens per (batch, h
 owns a block of queries that covers all of them (BLOCK_M = 32), so K and V of a (batch, head) are
 read exactly once in the forward, and once in the backward, where the same program also owns the
 whole dK and dV of that (batch, head) and writes them without atomics. Longer query sequences use
-several query blocks and accumulate dK / dV with fp32 atomics.
+several query blocks; their backward computes dQ per query block and dK / dV in a second kernel
+per key block (no atomics, deterministic).
 
 Scores never reach memory: the forward keeps an online softmax (running max and sum per row) and
 saves only the row log-sum-exp (+inf for a row with no visible key, whose output is 0).
@@ -83,12 +84,25 @@ def cross_attention_fwd_kernel(
 
 
 @triton.jit
+def _probabilities(q, k, mask_ptr, batch, keys, kv_len, lse, scale,
+                   HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """softmax probabilities of a (queries, keys) tile recomputed from the saved log-sum-exp; rows
+    with lse = +inf (no visible key, or past q_len) get 0."""
+    logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    visible = _visible_keys(mask_ptr, batch, keys, kv_len, HAS_MASK)
+    return tl.exp(tl.where(visible[None, :], logits, float("-inf")) - lse[:, None])
+
+
+@triton.jit
 def cross_attention_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, dout_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
     heads, q_len, kv_len, head_dim, scale,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATOMIC_KV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_KV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dQ of a block of queries over all keys. With WRITE_KV (one query block covers all queries)
+    also dK and dV, which this program then owns whole; otherwise it saves the rows' delta for
+    cross_attention_bwd_kv_kernel."""
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     batch = bh // heads
@@ -103,6 +117,8 @@ def cross_attention_bwd_kernel(
     # delta = rowsum(dO * O), the softmax backward's row correction; rows past q_len get lse = +inf
     # and so probability 0.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if not WRITE_KV:
+        tl.store(delta_ptr + bh * q_len + rows, delta, mask=row_ok)
     lse = tl.load(lse_ptr + bh * q_len + rows, mask=row_ok, other=float("inf"))
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -123,21 +139,61 @@ def cross_attention_bwd_kernel(
         p = tl.exp(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None]) * scale
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if WRITE_KV:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-        kv_ptrs = kv_offset + keys[:, None] * head_dim + cols[None, :]
-        kv_mask = (keys[:, None] < kv_len) & (cols[None, :] < head_dim)
-        if ATOMIC_KV:
-            tl.atomic_add(dk_ptr + kv_ptrs, dk, mask=kv_mask)
-            tl.atomic_add(dv_ptr + kv_ptrs, dv, mask=kv_mask)
-        else:
+        if WRITE_KV:
+            kv_ptrs = kv_offset + keys[:, None] * head_dim + cols[None, :]
+            kv_mask = (keys[:, None] < kv_len) & (cols[None, :] < head_dim)
             tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
             tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
     tl.store(dq_ptr + q_offset + rows[:, None] * head_dim + cols[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < head_dim))
+
+
+@triton.jit
+def cross_attention_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    heads, q_len, kv_len, head_dim, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK and dV of a block of keys over all query blocks (used when there are several): each
+    program owns its rows of dK and dV, so no atomics and a deterministic result."""
+    block_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // heads
+    keys = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    kv_offset = bh * kv_len * head_dim
+    k = _load_rows(k_ptr + kv_offset, keys, cols, kv_len, head_dim, head_dim)
+    v = _load_rows(v_ptr + kv_offset, keys, cols, kv_len, head_dim, head_dim)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_offset = bh * q_len * head_dim
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start in range(0, q_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q = _load_rows(q_ptr + q_offset, rows, cols, q_len, head_dim, head_dim)
+        do = _load_rows(dout_ptr + q_offset, rows, cols, q_len, head_dim, head_dim)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh * q_len + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + bh * q_len + rows, mask=row_ok, other=0.0)
+        p = _probabilities(q, k, mask_ptr, batch, keys, kv_len, lse, scale, HAS_MASK, PRECISION)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]) * scale
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    kv_ptrs = kv_offset + keys[:, None] * head_dim + cols[None, :]
+    kv_mask = (keys[:, None] < kv_len) & (cols[None, :] < head_dim)
+    tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -> dict:
@@ -150,7 +206,7 @@ def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -
     return {
         # One query block covers the Q-Former's 32 queries; longer sequences tile by 32.
         "BLOCK_M": min(32, max(16, triton.next_power_of_2(q_len))),
-        "BLOCK_N": 64 if narrow else 32,
+        "BLOCK_N": 64 if narrow else 32 if q.element_size() == 2 else 16,
         "BLOCK_D": block_d,
         "num_warps": 4 if narrow else 8,
         **dot_options(q, interpret),
@@ -159,7 +215,7 @@ def launch_config(q: torch.Tensor, kv_len: int, interpret: bool | None = None) -
 
 def report_specs() -> list[KernelSpec]:
     """The compiled variants the static GPU report checks: the Q-Former shape in each dtype, the
-    largest head dim, and a long query sequence (atomic dK / dV)."""
+    largest head dim, and a long query sequence (dK / dV in their own kernel)."""
     problems = [  # (B, H, Lq, Lk, D, dtype)
         (32, 12, 32, 257, 64, torch.float16),
         (32, 12, 32, 257, 64, torch.bfloat16),
@@ -178,12 +234,16 @@ def report_specs() -> list[KernelSpec]:
         fwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, lse_ptr="*fp32")
         specs.append(KernelSpec(cross_attention_fwd_kernel, {**fwd_ptrs, **scalars},
                                 {"HAS_MASK": True, **cfg}, num_warps=warps, label=label))
-        atomic = triton.cdiv(lq, cfg["BLOCK_M"]) > 1
-        grad_kv = "*fp32" if atomic else t
+        one_block = triton.cdiv(lq, cfg["BLOCK_M"]) == 1
         bwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, dout_ptr=t, lse_ptr="*fp32",
-                        dq_ptr=t, dk_ptr=grad_kv, dv_ptr=grad_kv)
+                        delta_ptr="*fp32", dq_ptr=t, dk_ptr=t, dv_ptr=t)
         specs.append(KernelSpec(cross_attention_bwd_kernel, {**bwd_ptrs, **scalars},
-                                {"HAS_MASK": True, "ATOMIC_KV": atomic, **cfg}, num_warps=warps, label=label))
+                                {"HAS_MASK": True, "WRITE_KV": one_block, **cfg}, num_warps=warps, label=label))
+        if not one_block:
+            kv_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", dout_ptr=t, lse_ptr="*fp32",
+                           delta_ptr="*fp32", dk_ptr=t, dv_ptr=t)
+            specs.append(KernelSpec(cross_attention_bwd_kv_kernel, {**kv_ptrs, **scalars},
+                                    {"HAS_MASK": True, **cfg}, num_warps=warps, label=label))
     return specs
 
 
@@ -215,19 +275,21 @@ def cross_attention_backward(
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     cfg = launch_config(q, kv_len)
-    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
-    atomic_kv = grid[0] > 1  # several query blocks add into the same dK / dV rows
+    q_blocks = triton.cdiv(q_len, cfg["BLOCK_M"])
     written = storage_dtype(q.dtype)
     dq = new_output(q.shape, written, q.device)
-    if atomic_kv:
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    else:
-        dk = new_output(k.shape, written, k.device)
-        dv = new_output(v.shape, written, v.device)
-    cross_attention_bwd_kernel[grid](
-        q, k, v, _mask_arg(kv_mask, q), out, dout, lse, dq, dk, dv,
-        heads, q_len, kv_len, head_dim, scale,
-        HAS_MASK=kv_mask is not None, ATOMIC_KV=atomic_kv, **cfg,
+    dk = new_output(k.shape, written, k.device)
+    dv = new_output(v.shape, written, v.device)
+    # One query block: one kernel owns all of dK, dV. Several: a second kernel per key block.
+    delta = lse if q_blocks == 1 else new_output(lse.shape, torch.float32, q.device)  # lse: never written
+    mask = _mask_arg(kv_mask, q)
+    cross_attention_bwd_kernel[(q_blocks, batch * heads)](
+        q, k, v, mask, out, dout, lse, delta, dq, dk, dv, heads, q_len, kv_len, head_dim, scale,
+        HAS_MASK=kv_mask is not None, WRITE_KV=q_blocks == 1, **cfg,
     )
+    if q_blocks > 1:
+        cross_attention_bwd_kv_kernel[(triton.cdiv(kv_len, cfg["BLOCK_N"]), batch * heads)](
+            q, k, v, mask, dout, lse, delta, dk, dv, heads, q_len, kv_len, head_dim, scale,
+            HAS_MASK=kv_mask is not None, **cfg,
+        )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -79,20 +79,25 @@ def cross_attention_floor(s: AttentionShape, backward: bool = False) -> Cost:
 def cross_attention_triton(s: AttentionShape, block_m: int, block_n: int, block_d: int,
                            backward: bool = False) -> Cost:
     """What the Triton kernels move and compute with their block sizes: K and V (and the mask) are
-    read once per query block, and tensor-core FLOPs are spent on whole (padded) tiles."""
-    q_blocks = triton.cdiv(s.q_len, block_m)
-    padded_flops = s.bh * q_blocks * block_m * triton.cdiv(s.kv_len, block_n) * block_n * block_d
+    read once per query block, and tensor-core FLOPs are spent on whole (padded) tiles. With several
+    query blocks the backward runs a second kernel per key block for dK and dV, which reads Q, dO,
+    lse and delta once per key block and recomputes the probabilities."""
+    q_blocks, k_blocks = triton.cdiv(s.q_len, block_m), triton.cdiv(s.kv_len, block_n)
+    padded_flops = s.bh * q_blocks * block_m * k_blocks * block_n * block_d
     e = s.itemsize
     mask = q_blocks * s.bh * s.kv_len if s.masked else 0
     kv_reads = q_blocks * e * 2 * s.elements(s.kv_len)
     if not backward:
         return Cost(e * 2 * s.elements(s.q_len) + 4 * s.bh * s.q_len + kv_reads + mask, 4.0 * padded_flops)
     q_side = e * 4 * s.elements(s.q_len) + 4 * s.bh * s.q_len  # read q do o lse, write dq
+    kv_writes = e * 2 * s.elements(s.kv_len)
     if q_blocks == 1:
-        kv_writes = e * 2 * s.elements(s.kv_len)
-    else:  # fp32 atomics: read-modify-write per query block, then a cast pass
-        kv_writes = q_blocks * 8 * 2 * s.elements(s.kv_len) + (4 + e) * 2 * s.elements(s.kv_len)
-    return Cost(q_side + kv_reads + mask + kv_writes, 10.0 * padded_flops)
+        return Cost(q_side + kv_reads + mask + kv_writes, 10.0 * padded_flops)
+    delta_write = 4 * s.bh * s.q_len
+    kv_kernel = Cost(k_blocks * (e * 2 * s.elements(s.q_len) + 8 * s.bh * s.q_len + (s.batch * s.kv_len if s.masked
+                                                                                    else 0))
+                     + e * 2 * s.elements(s.kv_len) + kv_writes, 8.0 * padded_flops)
+    return Cost(q_side + kv_reads + mask + delta_write, 6.0 * padded_flops) + kv_kernel
 
 
 def cross_attention_eager(s: AttentionShape, backward: bool = False) -> list[Cost]:
