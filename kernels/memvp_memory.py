@@ -21,14 +21,13 @@ import triton.language as tl
 from vlfast.kernels.utils import (
     KernelSpec,
     dot_options,
+    drop_and_save,
     dropout_args,
     dropout_factor,
     new_output,
     pointer_type,
     storage_dtype,
 )
-
-MAX_MEMORY = 512
 
 
 @triton.jit
@@ -45,10 +44,10 @@ def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.con
 
 
 @triton.jit
-def _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """x[batch, rows] (z[batch] + key_pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M)."""
+    """x[batch, rows] (z[batch] + pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M)."""
     pre = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -56,8 +55,8 @@ def _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory,
                     mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
         if DOT_FP32:
             x = x.to(tl.float32)
-        keys = _memory_rows(z_ptr, key_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        pre += tl.dot(x, tl.trans(keys), input_precision=PRECISION)
+        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        pre += tl.dot(x, tl.trans(memory_rows), input_precision=PRECISION)
     return pre
 
 
@@ -107,27 +106,14 @@ def memvp_bwd_rows_kernel(
     mem = tl.arange(0, BLOCK_M)
     pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
                           BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    dhidden = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dout = tl.load(dout_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
-                       mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
-        if DOT_FP32:
-            dout = dout.to(tl.float32)
-        values = _memory_rows(z_ptr, value_pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        dhidden += tl.dot(dout, tl.trans(values), input_precision=PRECISION)
+    # dL/dhidden = dout (z + value_pos)^T: the same product as the pre-activation.
+    dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
+                              BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
     sig = tl.sigmoid(pre)
-    hidden = pre * sig
     dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))
-    if DROPOUT:
-        offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
-        keep = dropout_factor(seed, offsets, threshold, keep_scale)
-        hidden = hidden * keep
-        dpre = dpre * keep
-    act_offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
-    act_mask = (rows[:, None] < length) & (mem[None, :] < memory)
-    tl.store(hidden_ptr + act_offsets, hidden, mask=act_mask)
-    tl.store(dpre_ptr + act_offsets, dpre, mask=act_mask)
+    offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
+    dpre = drop_and_save(pre * sig, dpre, hidden_ptr, dpre_ptr, offsets,
+                         (rows[:, None] < length) & (mem[None, :] < memory), seed, threshold, keep_scale, DROPOUT)
     _store_times_memory(dx_ptr, dpre, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
                         BLOCK_D, DOT_FP32, PRECISION)
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from vlfast.kernels.utils import (
     KernelSpec,
     dot_options,
+    drop_and_save,
     dropout_args,
     dropout_factor,
     new_output,
@@ -150,16 +151,9 @@ def routed_adapter_bwd_rows_kernel(
         if DOT_FP32:
             dout = dout.to(tl.float32)
         dhidden += tl.dot(dout, mixed.to(dout.dtype), input_precision=PRECISION)
-    dhidden = dhidden * scale
-    if DROPOUT:
-        offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
-        keep = dropout_factor(seed, offsets, threshold, keep_scale)
-        hidden = hidden * keep
-        dhidden = dhidden * keep
-    act_offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
-    act_mask = (rows[:, None] < length) & (ranks[None, :] < rank)
-    tl.store(hidden_ptr + act_offsets, hidden, mask=act_mask)
-    tl.store(dhidden_ptr + act_offsets, dhidden, mask=act_mask)
+    offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
+    dhidden = drop_and_save(hidden, dhidden * scale, hidden_ptr, dhidden_ptr, offsets,
+                            (rows[:, None] < length) & (ranks[None, :] < rank), seed, threshold, keep_scale, DROPOUT)
     dhidden = dhidden.to(tl.float32 if DOT_FP32 else dx_ptr.dtype.element_ty)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

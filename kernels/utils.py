@@ -93,3 +93,18 @@ def dropout_factor(seed, offsets, threshold, keep_scale):
     x = x * 0xC2B2AE35
     x = x ^ (x >> 16)
     return tl.where((x >> 8) >= threshold.to(tl.uint32), keep_scale, 0.0)
+
+
+@triton.jit
+def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, mask, seed, threshold, keep_scale,
+                  DROPOUT: tl.constexpr):
+    """Backward helper: apply the dropout mask of the elements at `offsets` to an activation and to
+    the gradient of its pre-dropout value, store both (fp32) for the reduction kernel, and return
+    the masked gradient."""
+    if DROPOUT:
+        keep = dropout_factor(seed, offsets, threshold, keep_scale)
+        hidden = hidden * keep
+        grad = grad * keep
+    tl.store(hidden_ptr + offsets, hidden, mask=mask)
+    tl.store(grad_ptr + offsets, grad, mask=mask)
+    return grad
