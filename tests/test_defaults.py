@@ -40,7 +40,7 @@ def test_tokenizer_covers_the_captions(quick):
     ids = tokenizer("a small red circle in the top left", add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
     assert len(tokenizer) == len(vocabulary()) + len(defaults.SPECIAL_TOKENS)
-    text = defaults.caption_text(np.random.default_rng(0))
+    text = defaults.pretraining_text(np.random.default_rng(0))
     assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -62,5 +62,15 @@ class CocoCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path, caption = self.items[index]
+        return self.load(path), caption
+
+    def load(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:
-            return image_to_tensor(image, self.image_size), caption
+            return image_to_tensor(image, self.image_size)
+
+    def captions_by_image(self) -> dict[Path, list[str]]:
+        """Every readable image with all of its captions, in file order of first appearance."""
+        grouped: dict[Path, list[str]] = {}
+        for path, caption in self.items:
+            grouped.setdefault(path, []).append(caption)
+        return grouped

@@ -18,11 +18,15 @@ class CaptionCollator:
             raise ValueError("the tokenizer needs an eos token: captions must end")
         self.tokenizer, self.prompt, self.max_length = tokenizer, prompt, max_length
 
-    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
+    def tokenize(self, captions: Sequence[str], prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """prompts: one per caption, replacing the collator's prompt (a question before its answer)."""
+        if prompts is not None and len(prompts) != len(captions):
+            raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         rows, labels = [], []
-        for caption in captions:
+        for i, caption in enumerate(captions):
+            prompt = self.prompt if prompts is None else prompts[i]
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             text_ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             ids = (bos + prompt_ids + text_ids)[: self.max_length]
             rows.append(ids)

@@ -2,7 +2,8 @@
 
 Each scene has one to three shapes (circle, square, triangle) with a colour, a size and a position
 (one of four quadrants, at most one shape per quadrant), rendered on a 48 x 48 canvas, with
-several caption phrasings and question-answer pairs. Sample i of a split is drawn from its own
+several caption phrasings and question-answer pairs, all in space-separated words of
+`vocabulary()`. Sample i of a split is drawn from its own
 random stream seeded by (seed, split, i): splits never overlap and any sample can be made alone.
 """
 from __future__ import annotations
@@ -64,15 +65,15 @@ def _captions(objects: tuple[ShapeSpec, ...]) -> tuple[str, ...]:
     placed = " and ".join(f"{obj.phrase()} in the {obj.position}" for obj in objects)
     count = NUMBERS[len(objects) - 1]
     noun = "shape" if len(objects) == 1 else "shapes"
-    return (listed, f"there is {placed}", f"{count} {noun}: {listed}", f"an image of {listed}")
+    return (listed, f"there is {placed}", f"{count} {noun} : {listed}", f"an image of {listed}")
 
 
 def _questions(objects: tuple[ShapeSpec, ...]) -> tuple[tuple[str, str], ...]:
-    qa = [("how many shapes are there", NUMBERS[len(objects) - 1])]
+    qa = [("how many shapes are there ?", NUMBERS[len(objects) - 1])]
     for obj in objects:
-        qa.append((f"what colour is the shape in the {obj.position}", obj.colour))
-        qa.append((f"what shape is in the {obj.position}", obj.shape))
-        qa.append((f"how big is the {obj.colour} {obj.shape}", obj.size))
+        qa.append((f"what colour is the shape in the {obj.position} ?", obj.colour))
+        qa.append((f"what shape is in the {obj.position} ?", obj.shape))
+        qa.append((f"how big is the {obj.colour} {obj.shape} ?", obj.size))
     return tuple(qa)
 
 
@@ -109,6 +110,6 @@ class ShapesDataset(torch.utils.data.Dataset):
 def vocabulary() -> list[str]:
     """Every word a caption, question or answer can use."""
     words = {"a", "and", "there", "is", "in", "the", "an", "image", "of", "shape", "shapes", "how", "many", "are",
-             "what", "colour", "big", "top", "bottom", "left", "right", ":"}
+             "what", "colour", "big", "top", "bottom", "left", "right", ":", "?"}
     words |= set(SHAPES) | set(COLOURS) | set(SIZES) | set(NUMBERS)
     return sorted(words)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from vlfast.data.collate import IGNORE_INDEX
 from vlfast.models.vision import tower_features, tower_width
 from vlfast.models.vpg import VPG
-from vlfast.patch import apply_memvp, apply_mma, modality, visual_memory
+from vlfast.patch import apply_memvp, apply_mma, modality, revert_memvp, revert_mma, visual_memory
 
 CONNECTORS = ("input", "memory")
 
@@ -46,6 +46,19 @@ class VisionLanguageModel(nn.Module):
         if mma is not None:
             apply_mma(llm, **mma)
 
+    def llm_patches(self) -> list[nn.Module]:
+        """The trainable modules the connector and the adapters added to the LLM."""
+        patches = (getattr(self.llm, "vlfast_memvp", None), getattr(self.llm, "vlfast_mma", None))
+        return [m for m in patches if m is not None]
+
+    def release_llm(self) -> nn.Module:
+        """Undo this model's patches on the LLM, so that it can join another model; returns it."""
+        if hasattr(self.llm, "vlfast_memvp"):
+            revert_memvp(self.llm)
+        if hasattr(self.llm, "vlfast_mma"):
+            revert_mma(self.llm)
+        return self.llm.requires_grad_(False)
+
     def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
         if (pixel_values is None) == (image_features is None):
             raise ValueError("pass exactly one of pixel_values and image_features")
@@ -63,20 +76,24 @@ class VisionLanguageModel(nn.Module):
             return fn(prompts)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, *,
-                pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
-        """The LM loss on `labels` (-100 ignored), or the logits when labels is None."""
+                pixel_values: Tensor | None = None, image_features: Tensor | None = None,
+                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        """The LM loss on `labels` (-100 ignored), or the logits when labels is None. The loss is the
+        mean over labelled tokens, or their sum over `num_items_in_batch` when given (what keeps
+        data-parallel shards of one batch equal to the whole batch)."""
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
+        loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
 
         def run(prompts):
             if self.connector == "memory":
-                out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **loss_kwargs)
                 return out.loss if labels is not None else out.logits
             embeds, mask = self._prepend(prompts, input_ids, attention_mask)
             queries = prompts.shape[1]
             if labels is not None:
                 labels_ = nn.functional.pad(labels, (queries, 0), value=IGNORE_INDEX)
-                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_).loss
+                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_, **loss_kwargs).loss
             return self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, queries:]
 
         return self._run(run, prompts, modalities)

@@ -1,32 +1,45 @@
-"""`python -m vlfast.transfer`: VPGTrans on the embedded default (no arguments needed)."""
+"""`python -m vlfast.transfer`: VPGTrans on the embedded default (no arguments needed).
+
+Also `torchrun --nproc_per_node=N -m vlfast.transfer ...` for data-parallel training, `--config
+FILE.yaml` for settings, and `--resume` to continue an interrupted run.
+"""
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import sys
+from pathlib import Path
 
-from vlfast.transfer.run import TransferConfig, run, table
+from vlfast.transfer import distributed, experiment, loop
+from vlfast.transfer.config import TransferConfig, given_values, parser
+from vlfast.transfer.report import table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    defaults = TransferConfig()
-    for field in dataclasses.fields(TransferConfig):
-        name = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=getattr(defaults, field.name))
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(field.type)]
-            parser.add_argument(name, type=kind, default=getattr(defaults, field.name))
-    parser.add_argument("--preset", choices=["smoke"], help="smoke: a seconds-long run for tests")
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    config = TransferConfig(**args)
-    if preset == "smoke":
-        smoke = TransferConfig.smoke()
-        config = dataclasses.replace(smoke, output_dir=config.output_dir, seed=config.seed, baseline=config.baseline)
-    report = run(config)
-    print(table(report))
-    print(f"\nreport: {config.output_dir}/report.json ({report['total_s']} s in all)")
+def main(argv: list[str] | None = None) -> dict:
+    arguments = parser(__doc__.splitlines()[0]).parse_args(argv)
+    try:
+        given = given_values(arguments)
+        out = Path(TransferConfig(**given).output_dir)
+        config = experiment.check_output_dir(out, TransferConfig(**given), arguments.resume, given)
+        processes = distributed.start(config.device)
+        parts = experiment.prepare(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        sys.exit(f"vlfast.transfer: error: {error}")
+    try:
+        if processes.main:
+            out.mkdir(parents=True, exist_ok=True)
+            config.save(out)
+        with loop.StopSignals() as signals:
+            summary = experiment.run(config, parts, processes, signals)
+    except loop.Interrupted as interruption:
+        if processes.main:
+            print(f"\n{interruption}\ncontinue with: python -m vlfast.transfer --resume --output-dir {out}",
+                  file=sys.stderr)
+        sys.exit(128 + interruption.signum)
+    finally:
+        distributed.stop()
+    if processes.main:
+        print(table(summary))
+        print(f"\nreport: {out}/report.json, report.md, curves.png ({summary['total_s']} s in all)")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Every setting of `python -m vlfast.transfer`, with its default, in one dataclass. The command line
+and YAML `--config` files are generated from it; the resolved values are written to the run
+directory as `config.yaml`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT = "default"  # the embedded default part (vlfast.defaults)
+CONFIG_NAME = "config.yaml"
+METRICS = {"val_loss": "min", "cider": "max", "qa_accuracy": "max"}  # name -> which way is better
+
+
+@dataclass
+class TransferConfig:
+    # What to connect.
+    source_vpg: str | None = None  # a vlfast VPG or BLIP-2 directory; None: train one on the source LLM
+    source_llm: str = DEFAULT  # a Hugging Face causal-LM directory (with its tokenizer), or 'default'
+    target_llm: str = DEFAULT
+    vision: str = DEFAULT  # a Hugging Face vision-model directory, or 'default'
+    data: str = "shapes"  # 'shapes' (made here) or 'coco:DIR' (DIR/annotations/captions_{train,val}2017.json)
+    connector: str = "input"  # input (BLIP-2 soft prompts) | memory (MemVP)
+    mma: bool = False  # LaVIN's mixture-of-modality adapters in the LLM (trained in every run)
+    # Data and budget.
+    train_images: int = 2000
+    val_images: int = 200
+    epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
+    source_epochs: int = 15  # the source VPG's training, when it is trained here (not part of the transfer's cost)
+    batch_size: int = 64  # global: split across processes under torchrun
+    lr: float = 1e-3
+    stage1_lr_multiplier: float = 5.0
+    min_lr_ratio: float = 0.5  # stage 2's cosine decay ends at lr * this (1e-4 -> 5e-5 in the paper)
+    converter_epochs: int = 8
+    metric: str = "val_loss"  # the score behind the speed-up: val_loss | cider | qa_accuracy
+    # The VPG, when trained here.
+    num_query_tokens: int = 8
+    qformer_hidden: int = 64
+    qformer_layers: int = 2
+    # The run.
+    baseline: bool = True  # also train the VPG on the target from scratch, and report the speed-up
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "runs/transfer"
+    checkpoint_every: int = 20  # optimizer steps between checkpoints (also at every epoch end and on SIGINT/SIGTERM)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "connector": (self.connector in ("input", "memory"), "input or memory"),
+            "metric": (self.metric in METRICS, " | ".join(METRICS)),
+            "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
+            "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
+            "epochs": (self.epochs >= 2, "at least 2 (stage 1 is one epoch)"),
+        }
+        checks |= {name: (getattr(self, name) > 0, "a positive number")
+                   for name in ("train_images", "val_images", "source_epochs", "batch_size", "lr",
+                                "stage1_lr_multiplier", "converter_epochs", "num_query_tokens", "checkpoint_every")}
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> dict:
+        """Values of a preset; smoke: a seconds-long run for tests."""
+        presets = {"smoke": dict(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16,
+                                 converter_epochs=1, checkpoint_every=2)}
+        if name not in presets:
+            raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
+        return presets[name]
+
+    def save(self, directory: Path) -> None:
+        (directory / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TransferConfig)}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Settings from a YAML file; an unknown key is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    return values
+
+
+def _parse_type(annotation: str):
+    return {"int": int, "float": float, "str": str, "str | None": str}[annotation]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """One option per TransferConfig field (defaults left unset so that presets, YAML and the
+    command line layer in that order), plus --config, --preset and --resume."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="a YAML file of settings (the names below, with underscores)")
+    parser.add_argument("--preset", choices=["smoke"], help="smoke: a seconds-long run for tests")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its last checkpoint")
+    defaults = TransferConfig()
+    for name, field in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"(default: {getattr(defaults, name)})"
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=_parse_type(str(field.type)), default=None, help=help_text)
+    return parser
+
+
+def given_values(args: argparse.Namespace) -> dict:
+    """The settings chosen for this run: the preset's, then the YAML file's, then the command
+    line's (each overriding the one before). TransferConfig(**given_values(args)) is the config."""
+    values = TransferConfig.preset(args.preset) if args.preset else {}
+    if args.config:
+        values |= read_yaml(args.config)
+    return values | {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+
+
+def saved_config(directory: Path) -> TransferConfig | None:
+    path = directory / CONFIG_NAME
+    return TransferConfig(**read_yaml(path)) if path.is_file() else None

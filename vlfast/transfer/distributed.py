@@ -1,0 +1,55 @@
+"""One process, or several under `torchrun` (gloo on CPU, nccl on GPU)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float | int) -> float:
+        """The sum of `value` over all processes."""
+        if self.world == 1:
+            return value
+        total = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def start(device: str) -> Processes:
+    """Joins torchrun's process group when launched by it, and picks the device ('auto': this
+    process's GPU if there is one, else the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch build or machine has no CUDA device")
+        chosen = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Processes(rank, world, chosen)
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,199 @@
+"""The VPGTrans experiment: train (or load) a VPG on the source LLM, transfer it to the target LLM
+(word converter, merged projector, stage 1 projector warm-up, stage 2 fine-tuning), train the same
+VPG on the target from scratch, and compare (SPEC.md section 6).
+
+Everything that can be wrong with the inputs is checked in `prepare` before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlfast import defaults
+from vlfast.data.collate import CaptionCollator
+from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
+from vlfast.models.vision import tower_width
+from vlfast.transfer import loop, report
+from vlfast.transfer.config import CONFIG_NAME, DEFAULT, TransferConfig, saved_config
+from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, token_pairs, train_word_converter
+from vlfast.transfer.data import Split, load_splits
+from vlfast.transfer.distributed import Processes
+
+SOURCE, TRANSFER, SCRATCH = "source", "transfer", "scratch"
+
+
+@dataclass
+class Parts:
+    tower: nn.Module
+    source_llm: nn.Module
+    target_llm: nn.Module
+    source_tokenizer: object
+    target_tokenizer: object
+    source_vpg: VPG | None  # given by --source-vpg; None: trained here
+
+
+def check_output_dir(directory: Path, config: TransferConfig, resume: bool, given: dict) -> TransferConfig:
+    """The config to run: the saved one when resuming (settings given now must agree with it, the
+    device aside), otherwise `config`, in a directory that holds no other run."""
+    saved = saved_config(directory)
+    if not resume:
+        if saved is not None:
+            raise FileExistsError(f"--output-dir {directory} holds another run ({CONFIG_NAME}); pass --resume to "
+                                  f"continue it, or choose another --output-dir")
+        return config
+    if saved is None:
+        raise FileNotFoundError(f"--resume: {directory} holds no run to resume (no {CONFIG_NAME})")
+    conflicts = {k: v for k, v in given.items() if k not in ("device", "output_dir") and getattr(saved, k) != v}
+    if conflicts:
+        raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
+                         f"{directory / CONFIG_NAME}; resume with the same settings")
+    return dataclasses.replace(saved, device=config.device, output_dir=str(directory))
+
+
+def _directory(option: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--{option.replace('_', '-')} {value}: no such directory")
+    return path
+
+
+def _llm(config: TransferConfig, which: str):
+    value = getattr(config, f"{which}_llm")
+    if value == DEFAULT:
+        return defaults.default_lm(which), defaults.shapes_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _directory(f"{which}_llm", value)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--{which}-llm {value}: no tokenizer that loads there ({error})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    llm = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    vocabulary = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocabulary:
+        raise ValueError(f"--{which}-llm {value}: its tokenizer has {len(tokenizer)} tokens but the model embeds "
+                         f"only {vocabulary}")
+    return llm, tokenizer
+
+
+def _source_vpg(value: str) -> VPG:
+    path = _directory("source_vpg", value)
+    if (path / "config.json").is_file() and '"qformer"' in (path / "config.json").read_text():
+        return VPG.from_pretrained(path)
+    return VPG.from_hf(path)
+
+
+def prepare(config: TransferConfig) -> Parts:
+    """Loads (or builds) every part and checks that they fit together."""
+    if config.data != "shapes":
+        _directory("data", config.data.removeprefix("coco:"))
+        if DEFAULT in (config.source_llm, config.target_llm):
+            raise ValueError(f"--data {config.data}: the default LLMs only know the shapes vocabulary; pass "
+                             f"--source-llm and --target-llm directories of LLMs with an English tokenizer")
+    if config.vision == DEFAULT:
+        tower = defaults.default_vision_tower()
+    else:
+        from transformers import AutoModel
+
+        tower = AutoModel.from_pretrained(_directory("vision", config.vision)).eval().requires_grad_(False)
+    source_vpg = _source_vpg(config.source_vpg) if config.source_vpg else None
+    source_llm, source_tokenizer = _llm(config, "source")
+    target_llm, target_tokenizer = _llm(config, "target")
+    if source_vpg is not None:
+        if source_vpg.config.vision_width != tower_width(tower):
+            raise ValueError(f"--source-vpg {config.source_vpg} reads {source_vpg.config.vision_width}-wide image "
+                             f"features but the vision tower emits {tower_width(tower)}")
+        width = source_llm.get_input_embeddings().embedding_dim
+        if source_vpg.config.llm_hidden_size != width:
+            raise ValueError(f"--source-vpg {config.source_vpg} projects to {source_vpg.config.llm_hidden_size} but "
+                             f"the source LLM's hidden size is {width}: they were not trained together")
+    return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg)
+
+
+def _new_vpg(config: TransferConfig, vision_width: int, llm_width: int) -> VPG:
+    qformer = QFormerConfig(hidden_size=config.qformer_hidden, num_layers=config.qformer_layers, num_heads=2,
+                            intermediate_size=2 * config.qformer_hidden, encoder_hidden_size=vision_width,
+                            cross_attention_frequency=1, hidden_dropout=0.0)
+    return VPG(VPGConfig(qformer, config.num_query_tokens, llm_width))
+
+
+def _model(config: TransferConfig, vpg: VPG, llm: nn.Module, tokenizer) -> VisionLanguageModel:
+    return VisionLanguageModel(None, vpg, llm, connector=config.connector, mma={} if config.mma else None,
+                               tokenizer=tokenizer)
+
+
+def _all_of(model: VisionLanguageModel) -> list[nn.Parameter]:
+    return [*model.vpg.parameters(), *(p for m in model.llm_patches() for p in m.parameters())]
+
+
+def _projector_and_patches(model: VisionLanguageModel) -> list[nn.Parameter]:
+    return [*model.vpg.projector.parameters(), *(p for m in model.llm_patches() for p in m.parameters())]
+
+
+def _word_pairs(parts: Parts, train: Split) -> torch.Tensor:
+    if parts.source_tokenizer is parts.target_tokenizer or (
+            parts.source_tokenizer.get_vocab() == parts.target_tokenizer.get_vocab()):
+        return shared_vocabulary_pairs(len(parts.source_tokenizer))
+    return token_pairs(parts.source_tokenizer, parts.target_tokenizer, [e.target for e in train.examples])
+
+
+def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loop.StopSignals) -> dict:
+    """The three runs (each skipped if it finished before, resumed if it was interrupted) and
+    their report."""
+    out = Path(config.output_dir)
+    begin = time.perf_counter()
+    train, val = load_splits(config.data, config.train_images, config.val_images, config.seed, parts.tower,
+                             defaults.cache_home() / "features")
+    context = loop.Context(config, processes, train, val, None, out, signals)
+    width = tower_width(parts.tower)
+    constant = "constant"
+
+    def with_collate(tokenizer) -> loop.Context:
+        return dataclasses.replace(context, collate=CaptionCollator(tokenizer))
+
+    # 1. The source VPG, trained on the source LLM unless given.
+    source_vpg = parts.source_vpg
+    if source_vpg is None:
+        torch.manual_seed(loop.seed_for(config.seed, SOURCE))
+        model = _model(config, _new_vpg(config, width, parts.source_llm.config.hidden_size), parts.source_llm,
+                       parts.source_tokenizer)
+        loop.train_run(SOURCE, model, [loop.Stage("train", config.source_epochs, config.lr, constant, _all_of)],
+                       with_collate(parts.source_tokenizer))
+        model.release_llm()
+        source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
+    target_width = parts.target_llm.get_input_embeddings().embedding_dim
+
+    # 2. Transfer: converter, merged projector, stage 1 (projector, lr x5, 1 epoch), stage 2 (all, cosine).
+    torch.manual_seed(loop.seed_for(config.seed, TRANSFER))
+    converter = train_word_converter(parts.source_llm.get_input_embeddings().weight,
+                                     parts.target_llm.get_input_embeddings().weight, _word_pairs(parts, train),
+                                     epochs=config.converter_epochs, seed=config.seed)
+    vpg = VPG(dataclasses.replace(source_vpg.config, llm_hidden_size=target_width))
+    vpg.load_state_dict({k: v for k, v in source_vpg.state_dict().items() if not k.startswith("projector.")},
+                        strict=False)
+    vpg.projector = merge_projector(converter, source_vpg.projector)
+    model = _model(config, vpg, parts.target_llm, parts.target_tokenizer)
+    stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, constant, _projector_and_patches),
+              loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of)]
+    results = {TRANSFER: loop.train_run(TRANSFER, model, stages, with_collate(parts.target_tokenizer))}
+    model.release_llm()
+
+    # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
+    if config.baseline:
+        torch.manual_seed(loop.seed_for(config.seed, SCRATCH))
+        model = _model(config, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
+        results[SCRATCH] = loop.train_run(SCRATCH, model,
+                                          [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of)],
+                                          with_collate(parts.target_tokenizer))
+        model.release_llm()
+    summary = report.build(results, config.metric, processes.world, {"total_s": round(time.perf_counter() - begin, 1)})
+    if processes.main:
+        report.write(summary, out)
+    return summary

@@ -1,0 +1,220 @@
+"""The training loop of one run (the source VPG, the transfer, or the scratch baseline): a list of
+stages, each with its own trainable parameters and learning-rate schedule, evaluated after every
+epoch, checkpointed every N steps, at every epoch end and when SIGINT or SIGTERM arrives, and
+resumable to the same numbers."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vlfast.data.collate import CaptionCollator
+from vlfast.models import VisionLanguageModel
+from vlfast.transfer import checkpoint
+from vlfast.transfer.config import TransferConfig
+from vlfast.transfer.data import Split
+from vlfast.transfer.distributed import Processes
+from vlfast.transfer.evaluate import evaluate, labelled_tokens
+
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    lr: float
+    schedule: str  # constant | cosine (to lr * min_lr_ratio)
+    trainable: Callable[[VisionLanguageModel], Iterable[nn.Parameter]]
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, run: str, checkpoint_dir: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} during the {run} run: checkpoint written to {checkpoint_dir}")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Context:
+    config: TransferConfig
+    processes: Processes
+    train: Split
+    val: Split
+    collate: CaptionCollator
+    output_dir: Path
+    signals: StopSignals
+
+
+def seed_for(*parts: object) -> int:
+    """A seed fixed by its parts, the same in every process and every resumed run."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _optimizer(parameters: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999), weight decay 0.05 except on biases and norms (SPEC.md section 6)."""
+    groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": 0.05},
+              {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def _schedule(stage: Stage, total: int, min_ratio: float) -> Callable[[int], float]:
+    if stage.schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], context: Context) -> dict:
+    """Trains (or resumes, or reads back) the run; returns its result: per-epoch history of the
+    validation scores with the training seconds (wall_s, evaluation excluded) up to each epoch."""
+    run_dir = context.output_dir / name
+    if (run_dir / RESULT).is_file():  # finished before: the caller loads the weights it needs
+        return json.loads((run_dir / RESULT).read_text())
+    config, processes, device = context.config, context.processes, context.processes.device
+    model.to(device)
+    by_name = dict(model.named_parameters())
+    trained = {id(p) for stage in stages for p in stage.trainable(model)}
+    trainable_names = sorted(n for n, p in by_name.items() if id(p) in trained)
+    position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0, "history": [], "wall_s": 0.0}
+    saved = checkpoint.load(run_dir / "checkpoints")
+    if saved is not None:
+        weights, position = saved
+        model.load_state_dict(weights, strict=False)
+        checkpoint.set_rng_state(position["rng"])
+    writer = _writer(context, name, position["global_step"] if saved else None)
+
+    def save(stage_state: dict | None) -> None:
+        if processes.main:
+            state = {**position, "rng": checkpoint.rng_state(), **(stage_state or {})}
+            checkpoint.save(run_dir / "checkpoints", {n: by_name[n] for n in trainable_names}, state)
+        processes.barrier()
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    steps_per_epoch = len(_batches(len(context.train.examples), config.batch_size, processes.world))
+    while position["stage"] < len(stages):
+        stage = stages[position["stage"]]
+        model.requires_grad_(False)
+        parameters = list(stage.trainable(model))
+        for p in parameters:
+            p.requires_grad_(True)
+        optimizer = _optimizer(parameters, stage.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _schedule(stage, stage.epochs * steps_per_epoch, config.min_lr_ratio))
+        if "optimizer" in position:
+            optimizer.load_state_dict(position.pop("optimizer"))
+            scheduler.load_state_dict(position.pop("scheduler"))
+        network = DistributedDataParallel(model) if processes.world > 1 else model
+        while position["epoch"] < stage.epochs:
+            model.train()
+            order = _batches(len(context.train.examples), config.batch_size, processes.world,
+                             seed_for(config.seed, name, position["stage"], position["epoch"]))
+            bar = tqdm(total=steps_per_epoch, initial=position["step"], leave=False, disable=not processes.main,
+                       desc=f"{name} {stage.name} epoch {position['epoch'] + 1}/{stage.epochs}")
+            start = time.perf_counter()
+            for rows in order[position["step"]:]:
+                loss = _step(network, rows, context, processes, autocast)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                position["step"] += 1
+                position["global_step"] += 1
+                if writer:
+                    writer.add_scalar("train/loss", loss, position["global_step"])
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], position["global_step"])
+                scheduler.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                stop = processes.sum(context.signals.received is not None) > 0
+                if stop or position["global_step"] % config.checkpoint_every == 0:
+                    position["wall_s"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                if stop:
+                    raise Interrupted(context.signals.received or signal.SIGTERM, name, run_dir / "checkpoints")
+            bar.close()
+            position["wall_s"] += time.perf_counter() - start
+            scores = evaluate(model, context.val, context.collate, config.batch_size, device) if processes.main else {}
+            position["history"].append({"epoch": len(position["history"]) + 1, "stage": stage.name,
+                                        "wall_s": round(position["wall_s"], 3), **scores})
+            if writer:
+                for metric, value in scores.items():
+                    if value is not None:
+                        writer.add_scalar(f"val/{metric}", value, position["global_step"])
+                writer.flush()
+            position["epoch"], position["step"] = position["epoch"] + 1, 0
+            if position["epoch"] == stage.epochs:
+                position["stage"], position["epoch"] = position["stage"] + 1, 0
+                save(None)
+                break
+            save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        optimizer.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    result = {"history": position["history"], "wall_s": round(position["wall_s"], 3),
+              "steps": position["global_step"]}
+    if processes.main:
+        model.vpg.save_pretrained(run_dir / "vpg")
+        (run_dir / RESULT).write_text(json.dumps(result, indent=1))
+    processes.barrier()
+    if writer:
+        writer.close()
+    return result
+
+
+def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[torch.Tensor]:
+    """One epoch's global batches in a seeded order; a last batch too small to give every
+    process a share is dropped."""
+    order = torch.randperm(examples, generator=torch.Generator().manual_seed(seed)).split(batch_size)
+    return [rows for rows in order if len(rows) >= world]
+
+
+def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: Processes, autocast) -> float:
+    """Forward and backward of this process's share of one global batch; the loss is normalised by
+    the batch's labelled tokens over all processes, so any number of processes gives the same
+    gradient (DDP averages over processes, hence the factor `world`). Returns the batch's loss."""
+    mine = rows[processes.rank::processes.world]
+    examples = [context.train.examples[i] for i in mine.tolist()]
+    batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
+    batch = {k: v.to(processes.device) for k, v in batch.items()}
+    tokens = processes.sum(labelled_tokens(batch["labels"]))
+    features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
+    with autocast:
+        loss = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
+                       num_items_in_batch=tokens)
+    (loss * processes.world).backward()
+    return processes.sum(loss.item())
+
+
+def _writer(context: Context, name: str, purge_step: int | None):
+    """A TensorBoard writer for the run (main process only); on resume, events after the checkpoint
+    are purged so the curves do not double back."""
+    if not context.processes.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(context.output_dir / "tensorboard" / name), purge_step=purge_step)
