@@ -19,7 +19,7 @@ def quick(monkeypatch, tmp_path):
         "source": defaults.LMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=3, seed=1),
         "target": defaults.LMSpec(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96, steps=3, seed=2),
     })
-    return tmp_path / "defaults"
+    return defaults.cache_root()
 
 
 def test_builds_once_then_loads(quick):

@@ -1,41 +1,157 @@
-"""`python -m vlfast.transfer --preset smoke` end to end, on tiny stand-ins for the default LMs."""
+"""`python -m vlfast.transfer --preset smoke` end to end on tiny stand-ins for the default LMs:
+what it writes, YAML configs, bad inputs, resuming after a kill, and torchrun."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
-from vlfast import defaults
+from tests.transfer.conftest import command, environment, run_cli
+from vlfast.models import VPG
 from vlfast.transfer.__main__ import main
-from vlfast.transfer.run import epochs_to_reach
+
+SCORES = ("val_loss", "cider", "qa_accuracy")
 
 
-@pytest.fixture
-def tiny_defaults(monkeypatch, tmp_path):
-    monkeypatch.setenv("VLFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(defaults, "LMS", {
-        "source": defaults.LMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=3, seed=1),
-        "target": defaults.LMSpec(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96, steps=3, seed=2),
-    })
+def scores(report: dict) -> dict:
+    return {run: [{k: h[k] for k in SCORES} for h in r["history"]] for run, r in report["runs"].items()}
 
 
-def test_smoke_run_writes_the_report(tiny_defaults, tmp_path, capsys):
-    main(["--preset", "smoke", "--output-dir", str(tmp_path / "run")])
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert set(report["runs"]) == {"source", "transfer", "scratch"}
-    assert len(report["runs"]["scratch"]["history"]) == len(report["runs"]["transfer"]["history"]) == 2
-    assert "speedup" in report and report["target_metric"].startswith("val caption loss")
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["epochs"] == 2 and config["train_images"] == 64
-    assert "scratch best" in capsys.readouterr().out
+def test_smoke_run_writes_everything(tiny_defaults, tmp_path, capsys):
+    out = tmp_path / "run"
+    report = main(["--preset", "smoke", "--output-dir", str(out)])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["target_metric"] == "val_loss" and set(saved["runs"]) == {"source", "transfer", "scratch"}
+    assert isinstance(saved["speedup"], float) or saved["speedup"] is None
+    for name in ("transfer", "scratch"):
+        run = saved["runs"][name]
+        assert {"best", "epochs_to_target", "wall_s", "history"} <= set(run)
+        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        assert all(isinstance(h[k], float) for h in run["history"] for k in SCORES)
+        assert VPG.from_pretrained(out / name / "vpg").config.llm_hidden_size == 48
+    assert [h["stage"] for h in saved["runs"]["transfer"]["history"]] == ["stage 1", "stage 2"]
+    assert (out / "report.md").read_text().startswith("# VPGTrans")
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert yaml.safe_load((out / "config.yaml").read_text())["train_images"] == 64
+    assert "speed-up" in capsys.readouterr().out or saved["speedup"] is None
 
 
-def test_no_baseline(tiny_defaults, tmp_path):
+def test_tensorboard_can_read_the_metrics(tiny_defaults, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     main(["--preset", "smoke", "--no-baseline", "--output-dir", str(tmp_path / "run")])
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert "scratch" not in report["runs"] and "speedup" not in report
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "transfer")).Reload()
+    assert {"train/loss", "train/lr", "val/val_loss", "val/cider", "val/qa_accuracy"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("val/val_loss")) == 2
+    assert len(events.Scalars("train/loss")) == 16  # 2 epochs of (64 captions + 64 questions) / batches of 16
 
 
-def test_epochs_to_reach():
-    assert epochs_to_reach([0.9, 0.7, 0.5], 0.7) == 2
-    assert epochs_to_reach([0.9, 0.8], 0.5) is None
+def test_no_baseline_and_yaml_config(tiny_defaults, tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("baseline: false\nconverter_epochs: 2\nmetric: cider\n")
+    report = main(["--preset", "smoke", "--config", str(settings), "--seed", "3", "--output-dir", str(tmp_path / "r")])
+    assert "scratch" not in report["runs"] and "speedup" not in report and report["target_metric"] == "cider"
+    written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    chosen = (written["baseline"], written["converter_epochs"], written["seed"], written["batch_size"])
+    assert chosen == (False, 2, 3, 16)
+
+
+def test_a_given_source_vpg_is_transferred_not_trained(tiny_defaults, tmp_path):
+    main(["--preset", "smoke", "--no-baseline", "--output-dir", str(tmp_path / "first")])
+    report = main(["--preset", "smoke", "--no-baseline", "--source-vpg", str(tmp_path / "first" / "source" / "vpg"),
+                   "--output-dir", str(tmp_path / "second")])
+    assert "source" not in report["runs"] and not (tmp_path / "second" / "source").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--source-vpg", "/nowhere/vpg"], "--source-vpg /nowhere/vpg: no such directory"),
+    (["--target-llm", "/nowhere/llm"], "--target-llm /nowhere/llm: no such directory"),
+    (["--config", "/nowhere.yaml"], "--config /nowhere.yaml: no such file"),
+    (["--data", "coco:/nowhere"], "--data coco:/nowhere: no such directory"),
+    (["--connector", "side"], "connector must be input or memory, got 'side'"),
+    (["--epochs", "1"], "epochs must be at least 2"),
+])
+def test_bad_input_stops_before_training(tiny_defaults, tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", "smoke", "--output-dir", str(tmp_path / "run"), *arguments])
+    assert message in str(stop.value.code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key(tiny_defaults, tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match="unknown setting.s. learning_rate; known: source_vpg"):
+        main(["--config", str(settings), "--output-dir", str(tmp_path / "run")])
+
+
+def test_source_vpg_of_another_llm_width(tiny_defaults, tmp_path):
+    main(["--preset", "smoke", "--no-baseline", "--output-dir", str(tmp_path / "first")])
+    # the transfer run's VPG projects to the target LM's width (48), not the source's (32)
+    with pytest.raises(SystemExit, match="projects to 48 but the source LLM's hidden size is 32"):
+        main(["--preset", "smoke", "--source-vpg", str(tmp_path / "first" / "transfer" / "vpg"),
+              "--output-dir", str(tmp_path / "second")])
+
+
+def test_output_dir_of_another_run(tiny_defaults, tmp_path):
+    out = str(tmp_path / "run")
+    main(["--preset", "smoke", "--no-baseline", "--output-dir", out])
+    with pytest.raises(SystemExit, match="holds another run .config.yaml.; pass --resume"):
+        main(["--preset", "smoke", "--output-dir", out])
+    with pytest.raises(SystemExit, match="seed=5 differ from the run's"):
+        main(["--preset", "smoke", "--resume", "--seed", "5", "--output-dir", out])
+    with pytest.raises(SystemExit, match="holds no run to resume"):
+        main(["--resume", "--output-dir", str(tmp_path / "empty")])
+
+
+def _kill_when_checkpointed(cache, out, signum, run="transfer") -> subprocess.CompletedProcess:
+    """Starts a smoke run and sends `signum` once `run` has written its first checkpoint."""
+    process = subprocess.Popen(command("--preset", "smoke", "--output-dir", str(out)), env=environment(cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / run / "checkpoints" / "latest.json").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_resume_after_a_kill_gives_the_uninterrupted_numbers(tiny_defaults, tmp_path, signum):
+    whole = run_cli(tiny_defaults, "--preset", "smoke", "--output-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = _kill_when_checkpointed(tiny_defaults, tmp_path / "cut", signum)
+    assert killed.returncode in (128 + signum, -signum), killed.stderr
+    assert not (tmp_path / "cut" / "report.json").exists()
+    if signum == signal.SIGTERM:
+        assert "checkpoint written" in killed.stderr and "--resume" in killed.stderr
+    resumed = run_cli(tiny_defaults, "--resume", "--output-dir", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    expected = json.loads((tmp_path / "whole" / "report.json").read_text())
+    actual = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert scores(actual) == scores(expected)
+    for run in ("transfer", "scratch"):
+        for name, tensor in load_file(str(tmp_path / "whole" / run / "vpg" / "model.safetensors")).items():
+            assert torch.equal(load_file(str(tmp_path / "cut" / run / "vpg" / "model.safetensors"))[name], tensor)
+
+
+def test_two_processes_reach_the_parameters_of_one(tiny_defaults, tmp_path):
+    arguments = ["--preset", "smoke", "--no-baseline", "--source-epochs", "2"]
+    one = run_cli(tiny_defaults, *arguments, "--output-dir", str(tmp_path / "one"))
+    two = run_cli(tiny_defaults, *arguments, "--output-dir", str(tmp_path / "two"), nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["processes"] == 2
+    for run in ("source", "transfer"):
+        expected = load_file(str(tmp_path / "one" / run / "vpg" / "model.safetensors"))
+        actual = load_file(str(tmp_path / "two" / run / "vpg" / "model.safetensors"))
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")

@@ -55,11 +55,12 @@ def check_output_dir(directory: Path, config: TransferConfig, resume: bool, give
     return dataclasses.replace(saved, device=config.device, output_dir=str(directory))
 
 
-def _directory(option: str, value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
+def _directory(option: str, value: str, path: str | None = None) -> Path:
+    """value's directory (`path` when the option's value is more than a path)."""
+    directory = Path(path or value)
+    if not directory.is_dir():
         raise FileNotFoundError(f"--{option.replace('_', '-')} {value}: no such directory")
-    return path
+    return directory
 
 
 def _llm(config: TransferConfig, which: str):
@@ -93,7 +94,7 @@ def _source_vpg(value: str) -> VPG:
 def prepare(config: TransferConfig) -> Parts:
     """Loads (or builds) every part and checks that they fit together."""
     if config.data != "shapes":
-        _directory("data", config.data.removeprefix("coco:"))
+        _directory("data", config.data, config.data.removeprefix("coco:"))
         if DEFAULT in (config.source_llm, config.target_llm):
             raise ValueError(f"--data {config.data}: the default LLMs only know the shapes vocabulary; pass "
                              f"--source-llm and --target-llm directories of LLMs with an English tokenizer")
@@ -159,13 +160,14 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         return dataclasses.replace(context, collate=CaptionCollator(tokenizer))
 
     # 1. The source VPG, trained on the source LLM unless given.
-    source_vpg = parts.source_vpg
+    source_vpg, results = parts.source_vpg, {}
     if source_vpg is None:
         torch.manual_seed(loop.seed_for(config.seed, SOURCE))
         model = _model(config, _new_vpg(config, width, parts.source_llm.config.hidden_size), parts.source_llm,
                        parts.source_tokenizer)
-        loop.train_run(SOURCE, model, [loop.Stage("train", config.source_epochs, config.lr, constant, _all_of)],
-                       with_collate(parts.source_tokenizer))
+        results[SOURCE] = loop.train_run(SOURCE, model,
+                                         [loop.Stage("train", config.source_epochs, config.lr, constant, _all_of)],
+                                         with_collate(parts.source_tokenizer))
         model.release_llm()
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
     target_width = parts.target_llm.get_input_embeddings().embedding_dim
@@ -182,7 +184,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     model = _model(config, vpg, parts.target_llm, parts.target_tokenizer)
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, constant, _projector_and_patches),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of)]
-    results = {TRANSFER: loop.train_run(TRANSFER, model, stages, with_collate(parts.target_tokenizer))}
+    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, with_collate(parts.target_tokenizer))
     model.release_llm()
 
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
@@ -193,7 +195,8 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of)],
                                           with_collate(parts.target_tokenizer))
         model.release_llm()
+    if not processes.main:  # only the main process evaluates
+        return {}
     summary = report.build(results, config.metric, processes.world, {"total_s": round(time.perf_counter() - begin, 1)})
-    if processes.main:
-        report.write(summary, out)
+    report.write(summary, out)
     return summary

@@ -74,8 +74,8 @@ def table(report: dict) -> str:
         else:
             reached = transfer["epochs_to_target"]
             seconds = transfer["history"][reached - 1]["wall_s"]
-            lines.append(f"the transfer run reaches it at epoch {reached} ({seconds:.0f} s; stage 1 counts as an epoch): speed-up {report['speedup']:.2f}x in epochs, "
-                         f"{report['speedup_wall']:.2f}x in wall time")
+            lines.append(f"the transfer run reaches it at epoch {reached} ({seconds:.0f} s; stage 1 is an epoch):"
+                         f" speed-up {report['speedup']:.2f}x in epochs, {report['speedup_wall']:.2f}x in wall time")
     return "\n".join(lines)
 
 

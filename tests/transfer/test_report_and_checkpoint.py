@@ -1,0 +1,65 @@
+"""The speed-up arithmetic, CIDEr-D, and atomic checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlfast.transfer import checkpoint
+from vlfast.transfer.evaluate import cider, tokenize_for_cider
+from vlfast.transfer.report import build, epochs_to_reach
+
+
+def history(scores, metric="val_loss", seconds=10.0):
+    return {"history": [{"epoch": i + 1, metric: s, "wall_s": seconds * (i + 1)} for i, s in enumerate(scores)],
+            "wall_s": seconds * len(scores)}
+
+
+def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
+    results = {"scratch": history([0.9, 0.8, 0.7, 0.65, 0.66, 0.65]),
+               "transfer": history([0.8, 0.66, 0.64, 0.6], seconds=5)}
+    report = build(results, "val_loss", 1, {})
+    assert report["runs"]["scratch"]["best"] == 0.65 and report["runs"]["scratch"]["epochs_to_target"] == 4
+    assert report["runs"]["transfer"]["epochs_to_target"] == 3
+    assert report["speedup"] == pytest.approx(4 / 3)
+    assert report["speedup_wall"] == pytest.approx(40 / 15)
+
+
+def test_higher_is_better_metrics_and_a_target_never_reached():
+    assert epochs_to_reach(history([0.1, 0.5, 0.4], "cider")["history"], "cider", 0.45) == 2
+    results = {"scratch": history([0.2, 0.6], "cider"), "transfer": history([0.3, 0.5], "cider")}
+    report = build(results, "cider", 2, {})
+    assert report["speedup"] is None and report["runs"]["transfer"]["epochs_to_target"] is None
+    assert report["runs"]["scratch"]["compute_hours"] == pytest.approx(2 * 20 / 3600)
+
+
+def test_cider_known_values():
+    # Hand-checked: a candidate equal to its only reference has cosine 1 for each n-gram order n = 1..4
+    # that it has, and CIDEr-D is 10 x their mean: 10 for four words, 7.5 for three (no 4-grams).
+    assert cider([["a big red circle"], ["a small blue square"]], ["a big red circle", "a small blue square"]) \
+        == pytest.approx(10.0)
+    references = [["a red circle"], ["a blue square"]]
+    assert cider(references, ["a red circle", "a blue square"]) == pytest.approx(7.5)
+    assert cider(references, ["green triangle", "yellow star"]) == 0.0
+    assert 0 < cider(references, ["a red square", "a blue circle"]) < 10
+    assert tokenize_for_cider("A Red, circle.") == "a red , circle ."
+    with pytest.raises(ValueError, match="2 reference lists for 1 candidates"):
+        cider(references, ["a"])
+
+
+def test_checkpoints_are_atomic_and_the_latest_wins(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    assert checkpoint.load(directory) is None
+    checkpoint.save(directory, {"w": torch.ones(2)}, {"step": 1})
+    checkpoint.save(directory, {"w": torch.full((2,), 2.0)}, {"step": 2})
+    weights, state = checkpoint.load(directory)
+    assert state["step"] == 2 and torch.equal(weights["w"], torch.full((2,), 2.0))
+    assert len(list(directory.glob("checkpoint-*"))) == 1
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)  # dies half-way through writing the third
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(directory, {"w": torch.zeros(2)}, {"step": 3})
+    weights, state = checkpoint.load(directory)
+    assert state["step"] == 2 and torch.equal(weights["w"], torch.full((2,), 2.0))
