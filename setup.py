@@ -139,6 +139,9 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "matplotlib>=3.7",
+        "pyyaml>=6",
+        "tensorboard>=2.14",  # the transfer runs' metrics log (torch.utils.tensorboard)
+        "pycocoevalcap>=1.2",  # CIDEr-D
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest>=0.2"],

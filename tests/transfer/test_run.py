@@ -155,3 +155,51 @@ def test_two_processes_reach_the_parameters_of_one(tiny_defaults, tmp_path):
         actual = load_file(str(tmp_path / "two" / run / "vpg" / "model.safetensors"))
         for name, tensor in expected.items():
             torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+
+
+def _save_llm(directory, vocab_size: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlfast import defaults
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    defaults.shapes_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def test_a_target_llm_from_a_directory(tiny_defaults, tmp_path):
+    llm = _save_llm(tmp_path / "llm", vocab_size=64)
+    report = main(["--preset", "smoke", "--no-baseline", "--target-llm", llm, "--output-dir", str(tmp_path / "run")])
+    assert VPG.from_pretrained(tmp_path / "run" / "transfer" / "vpg").config.llm_hidden_size == 40
+    assert len(report["runs"]["transfer"]["history"]) == 2
+
+
+def test_a_tokenizer_larger_than_its_llm(tiny_defaults, tmp_path):
+    llm = _save_llm(tmp_path / "llm", vocab_size=10)
+    with pytest.raises(SystemExit, match="its tokenizer has 3[0-9] tokens but the model embeds only 10"):
+        main(["--preset", "smoke", "--target-llm", llm, "--output-dir", str(tmp_path / "run")])
+
+
+def test_coco_data_from_a_local_folder(tiny_defaults, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train2017", "val2017"):
+        (tmp_path / "coco" / split).mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(6):
+            Image.fromarray(np.full((30, 40, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "coco" / split / f"{i}.jpg")
+            images.append({"id": i, "file_name": f"{i}.jpg"})
+            annotations += [{"image_id": i, "caption": "a small red circle"}, {"image_id": i, "caption": "a circle"}]
+        (tmp_path / "coco" / "annotations").mkdir(exist_ok=True)
+        (tmp_path / "coco" / "annotations" / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    with pytest.raises(SystemExit, match="the default LLMs only know the shapes vocabulary"):
+        main(["--preset", "smoke", "--data", f"coco:{tmp_path / 'coco'}", "--output-dir", str(tmp_path / "no")])
+    source, target = _save_llm(tmp_path / "source", 64), _save_llm(tmp_path / "target", 64)
+    report = main(["--preset", "smoke", "--data", f"coco:{tmp_path / 'coco'}", "--source-llm", source,
+                   "--target-llm", target, "--batch-size", "4", "--output-dir", str(tmp_path / "run")])
+    history = report["runs"]["transfer"]["history"]
+    assert len(history) == 2 and history[0]["qa_accuracy"] is None and history[0]["cider"] >= 0

@@ -26,10 +26,10 @@ class TransferConfig:
     connector: str = "input"  # input (BLIP-2 soft prompts) | memory (MemVP)
     mma: bool = False  # LaVIN's mixture-of-modality adapters in the LLM (trained in every run)
     # Data and budget.
-    train_images: int = 2000
+    train_images: int = 1000
     val_images: int = 200
     epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
-    source_epochs: int = 15  # the source VPG's training, when it is trained here (not part of the transfer's cost)
+    source_epochs: int = 10  # the source VPG's training, when it is trained here (not part of the transfer's cost)
     batch_size: int = 64  # global: split across processes under torchrun
     lr: float = 1e-3
     stage1_lr_multiplier: float = 5.0
