@@ -53,18 +53,19 @@ def build(results: dict[str, dict], metric: str, world: int, extra: dict) -> dic
 
 
 def table(report: dict) -> str:
-    """Both runs' validation scores per epoch, and the speed-up."""
+    """Both runs' validation scores per epoch (loss, CIDEr-D, QA accuracy), and the speed-up."""
     runs = {n: report["runs"][n] for n in RUNS if n in report["runs"]}
     metric = report["target_metric"]
-    columns = ["val_loss", "cider", "qa_accuracy"]
-    header = "epoch  " + "  ".join(f"{n + ' ' + c:>22}" for n in runs for c in columns)
-    lines = [header]
+    columns = {"val_loss": "loss", "cider": "CIDEr", "qa_accuracy": "QA"}
+    width = 8 * len(columns)
+    lines = ["       " + "   ".join(f"{name:^{width}}" for name in runs),
+             "epoch  " + "   ".join("".join(f"{c:>8}" for c in columns.values()) for _ in runs)]
     for e in range(max(len(r["history"]) for r in runs.values())):
         cells = []
         for run in runs.values():
             entry = run["history"][e] if e < len(run["history"]) else {}
-            cells += [f"{entry[c]:22.3f}" if entry.get(c) is not None else f"{'-':>22}" for c in columns]
-        lines.append(f"{e + 1:>5}  " + "  ".join(cells))
+            cells.append("".join(f"{entry[c]:8.3f}" if entry.get(c) is not None else f"{'-':>8}" for c in columns))
+        lines.append(f"{e + 1:>5}  " + "   ".join(cells))
     if "speedup" in report:
         scratch, transfer = runs["scratch"], runs["transfer"]
         lines.append(f"\ntarget: the scratch run's best {metric} {scratch['best']:.3f} (epoch {scratch['best_epoch']},"
