@@ -203,3 +203,11 @@ def test_coco_data_from_a_local_folder(tiny_defaults, tmp_path):
                    "--target-llm", target, "--batch-size", "4", "--output-dir", str(tmp_path / "run")])
     history = report["runs"]["transfer"]["history"]
     assert len(history) == 2 and history[0]["qa_accuracy"] is None and history[0]["cider"] >= 0
+
+
+def test_memory_connector_with_adapters(tiny_defaults, tmp_path):
+    report = main(["--preset", "smoke", "--connector", "memory", "--mma", "--output-dir", str(tmp_path / "run")])
+    assert set(report["runs"]) == {"source", "transfer", "scratch"}
+    weights = load_file(str(next((tmp_path / "run" / "scratch" / "checkpoints").glob("checkpoint-*"))
+                            / "trainable.safetensors"))
+    assert any("vlfast_memvp" in name for name in weights) and any("vlfast_mma" in name for name in weights)

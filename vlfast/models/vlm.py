@@ -52,11 +52,12 @@ class VisionLanguageModel(nn.Module):
         return [m for m in patches if m is not None]
 
     def release_llm(self) -> nn.Module:
-        """Undo this model's patches on the LLM, so that it can join another model; returns it."""
-        if hasattr(self.llm, "vlfast_memvp"):
-            revert_memvp(self.llm)
+        """Undo this model's patches on the LLM (last applied first), so that it can join another
+        model; returns it."""
         if hasattr(self.llm, "vlfast_mma"):
             revert_mma(self.llm)
+        if hasattr(self.llm, "vlfast_memvp"):
+            revert_memvp(self.llm)
         return self.llm.requires_grad_(False)
 
     def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:

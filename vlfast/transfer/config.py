@@ -99,8 +99,7 @@ def _parse_type(annotation: str):
 def parser(description: str) -> argparse.ArgumentParser:
     """One option per TransferConfig field (defaults left unset so that presets, YAML and the
     command line layer in that order), plus --config, --preset and --resume."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m vlfast.transfer", description=description)
     parser.add_argument("--config", help="a YAML file of settings (the names below, with underscores)")
     parser.add_argument("--preset", choices=["smoke"], help="smoke: a seconds-long run for tests")
     parser.add_argument("--resume", action="store_true",
@@ -108,7 +107,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     defaults = TransferConfig()
     for name, field in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"(default: {getattr(defaults, name)})"
+        help_text = f"default: {getattr(defaults, name)}"
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
