@@ -154,7 +154,6 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
                              defaults.cache_home() / "features")
     context = loop.Context(config, processes, train, val, None, out, signals)
     width = tower_width(parts.tower)
-    constant = "constant"
 
     def with_collate(tokenizer) -> loop.Context:
         return dataclasses.replace(context, collate=CaptionCollator(tokenizer))
@@ -166,7 +165,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         model = _model(config, _new_vpg(config, width, parts.source_llm.config.hidden_size), parts.source_llm,
                        parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
-                                         [loop.Stage("train", config.source_epochs, config.lr, constant, _all_of)],
+                                         [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],
                                          with_collate(parts.source_tokenizer))
         model.release_llm()
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
@@ -182,7 +181,8 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
                         strict=False)
     vpg.projector = merge_projector(converter, source_vpg.projector)
     model = _model(config, vpg, parts.target_llm, parts.target_tokenizer)
-    stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, constant, _projector_and_patches),
+    stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
+                         _projector_and_patches),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of)]
     results[TRANSFER] = loop.train_run(TRANSFER, model, stages, with_collate(parts.target_tokenizer))
     model.release_llm()
