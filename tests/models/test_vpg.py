@@ -48,6 +48,9 @@ def test_from_hf_directory_and_round_trip(blip2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(features), vpg(features), rtol=0, atol=0)
     assert again.config == vpg.config
+    blip2_again = VPG.from_pretrained(tmp_path / "blip2").eval()  # a BLIP-2 directory is recognised
+    with torch.no_grad():
+        torch.testing.assert_close(blip2_again(features), vpg(features), rtol=0, atol=0)
 
 
 def test_from_pretrained_names_the_missing_file(tmp_path):

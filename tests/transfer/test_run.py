@@ -178,7 +178,7 @@ def test_a_target_llm_from_a_directory(tiny_defaults, tmp_path):
 
 def test_a_tokenizer_larger_than_its_llm(tiny_defaults, tmp_path):
     llm = _save_llm(tmp_path / "llm", vocab_size=10)
-    with pytest.raises(SystemExit, match="its tokenizer has [0-9]+ tokens but the model embeds only 10"):
+    with pytest.raises(SystemExit, match="the tokenizer has [0-9]+ tokens but the LLM embeds only 10"):
         main(["--preset", "smoke", "--target-llm", llm, "--output-dir", str(tmp_path / "run")])
 
 

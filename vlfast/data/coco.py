@@ -15,11 +15,15 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalise(pixels: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> per-channel (x - mean) / std."""
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
 def image_to_tensor(image: Image.Image, size: int, mean=MEAN, std=STD) -> torch.Tensor:
     """RGB, bicubic resize to size x size, [0, 1], normalised: (3, size, size) float32."""
     array = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return normalise(torch.from_numpy(array).permute(2, 0, 1), mean, std)
 
 
 class CocoCaptions(torch.utils.data.Dataset):

@@ -18,19 +18,23 @@ class CaptionCollator:
             raise ValueError("the tokenizer needs an eos token: captions must end")
         self.tokenizer, self.prompt, self.max_length = tokenizer, prompt, max_length
 
+    def prefix_ids(self, prompt: str | None = None) -> list[int]:
+        """bos + the prompt's tokens (the collator's prompt when None): what precedes the caption,
+        and what generation starts from."""
+        prompt = self.prompt if prompt is None else prompt
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + (self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+
     def tokenize(self, captions: Sequence[str], prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """prompts: one per caption, replacing the collator's prompt (a question before its answer)."""
         if prompts is not None and len(prompts) != len(captions):
             raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         rows, labels = [], []
         for i, caption in enumerate(captions):
-            prompt = self.prompt if prompts is None else prompts[i]
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            prefix = self.prefix_ids(None if prompts is None else prompts[i])
             text_ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-            ids = (bos + prompt_ids + text_ids)[: self.max_length]
-            rows.append(ids)
-            labels.append(([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + text_ids)[: self.max_length])
+            rows.append((prefix + text_ids)[: self.max_length])
+            labels.append(([IGNORE_INDEX] * len(prefix) + text_ids)[: self.max_length])
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         return {

@@ -20,6 +20,13 @@ from vlfast.patch import apply_memvp, apply_mma, modality, revert_memvp, revert_
 CONNECTORS = ("input", "memory")
 
 
+def check_tokenizer(tokenizer, llm: nn.Module) -> None:
+    """ValueError unless every token of `tokenizer` has a row in the LLM's input embeddings."""
+    rows = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only {rows}")
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
                  mma: dict | None = None, tokenizer=None) -> None:
@@ -35,9 +42,8 @@ class VisionLanguageModel(nn.Module):
         if vision_tower is not None and tower_width(vision_tower) != vpg.config.vision_width:
             raise ValueError(f"the vision tower emits {tower_width(vision_tower)}-wide features but the VPG reads "
                              f"{vpg.config.vision_width}")
-        if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
-                             f"{llm.get_input_embeddings().num_embeddings}")
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, llm)
         self.vision_tower = vision_tower.eval().requires_grad_(False) if vision_tower is not None else None
         self.vpg, self.llm, self.connector, self.tokenizer = vpg, llm, connector, tokenizer
         llm.requires_grad_(False)

@@ -79,10 +79,15 @@ class VPG(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VPG:
+        """A VPG written by save_pretrained, or BLIP-2's from a Hugging Face BLIP-2 directory."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: not a directory written by VPG.save_pretrained")
-        vpg = cls(VPGConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())))
+                raise FileNotFoundError(f"{directory / name} not found: neither a directory written by "
+                                        f"VPG.save_pretrained nor a Hugging Face BLIP-2 model")
+        values = json.loads((directory / CONFIG_NAME).read_text())
+        if values.get("model_type") == "blip-2":
+            return cls.from_hf(directory)
+        vpg = cls(VPGConfig.from_dict(values))
         vpg.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return vpg

@@ -9,16 +9,15 @@ import sys
 from pathlib import Path
 
 from vlfast.transfer import distributed, experiment, loop
-from vlfast.transfer.config import TransferConfig, given_values, parser
+from vlfast.transfer.config import given_values, parser
 from vlfast.transfer.report import table
 
 
 def main(argv: list[str] | None = None) -> dict:
     arguments = parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
-        given = given_values(arguments)
-        out = Path(TransferConfig(**given).output_dir)
-        config = experiment.check_output_dir(out, TransferConfig(**given), arguments.resume, given)
+        config = experiment.config_to_run(given_values(arguments), arguments.resume)
+        out = Path(config.output_dir)
         processes = distributed.start(config.device)
         parts = experiment.prepare(config)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

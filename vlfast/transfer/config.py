@@ -13,6 +13,10 @@ import yaml
 DEFAULT = "default"  # the embedded default part (vlfast.defaults)
 CONFIG_NAME = "config.yaml"
 METRICS = {"val_loss": "min", "cider": "max", "qa_accuracy": "max"}  # name -> which way is better
+PRESETS = {  # smoke: a seconds-long run for tests
+    "smoke": dict(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16, converter_epochs=1,
+                  checkpoint_every=2),
+}
 
 
 @dataclass
@@ -62,15 +66,6 @@ class TransferConfig:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
-    @classmethod
-    def preset(cls, name: str) -> dict:
-        """Values of a preset; smoke: a seconds-long run for tests."""
-        presets = {"smoke": dict(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16,
-                                 converter_epochs=1, checkpoint_every=2)}
-        if name not in presets:
-            raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
-        return presets[name]
-
     def save(self, directory: Path) -> None:
         (directory / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
@@ -101,7 +96,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     command line layer in that order), plus --config, --preset and --resume."""
     parser = argparse.ArgumentParser(prog="python -m vlfast.transfer", description=description)
     parser.add_argument("--config", help="a YAML file of settings (the names below, with underscores)")
-    parser.add_argument("--preset", choices=["smoke"], help="smoke: a seconds-long run for tests")
+    parser.add_argument("--preset", choices=list(PRESETS), help="smoke: a seconds-long run for tests")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint")
     defaults = TransferConfig()
@@ -118,7 +113,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def given_values(args: argparse.Namespace) -> dict:
     """The settings chosen for this run: the preset's, then the YAML file's, then the command
     line's (each overriding the one before). TransferConfig(**given_values(args)) is the config."""
-    values = TransferConfig.preset(args.preset) if args.preset else {}
+    values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.config:
         values |= read_yaml(args.config)
     return values | {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}

@@ -3,14 +3,14 @@ the feature cache), the examples the LM loss is taken on, and what caption and q
 evaluation compare against."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vlfast.data.coco import MEAN, STD, CocoCaptions
+from vlfast.data.coco import CocoCaptions, normalise
 from vlfast.data.shapes import ShapesDataset
 from vlfast.models.vision import FeatureCache
 
@@ -29,15 +29,19 @@ class Split:
     features: Tensor  # (images, tokens, vision width), float32
     examples: list[Example]  # what the LM loss is taken on
     references: list[list[str]]  # every caption of each image (CIDEr)
-    questions: list[Example] = field(default_factory=list)  # question-answer pairs (accuracy); none for COCO
+
+    @property
+    def questions(self) -> list[Example]:
+        """The examples with a prompt: question-answer pairs (accuracy); none for COCO."""
+        return [e for e in self.examples if e.prompt]
 
 
-def normalise(images: Tensor, size: int) -> Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in CLIP's normalisation."""
-    pixels = images.float() / 255
-    if pixels.shape[-1] != size:
-        pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
-    return (pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+def pixels(images: Tensor, size: int) -> Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in CLIP's normalisation, as COCO images get."""
+    scaled = images.float() / 255
+    if scaled.shape[-1] != size:
+        scaled = nn.functional.interpolate(scaled, size=(size, size), mode="bicubic", align_corners=False)
+    return normalise(scaled)
 
 
 def _cache(tower: nn.Module, cache_dir: Path) -> FeatureCache:
@@ -49,17 +53,16 @@ def shapes_split(split: str, size: int, seed: int, tower: nn.Module, cache_dir: 
     references are all four phrasings."""
     data = ShapesDataset(split, size, seed=seed)
     cache, image_size = _cache(tower, cache_dir), tower.config.image_size
-    features, examples, references, questions = [], [], [], []
+    features, examples, references = [], [], []
     for start in tqdm(range(0, size, chunk), desc=f"{split} features", leave=False):
         scenes = [data[i] for i in range(start, min(size, start + chunk))]
         keys = [f"shapes/{split}/{seed}/{start + i}" for i in range(len(scenes))]
-        features.append(cache.features(keys, normalise(torch.stack([s.image for s in scenes]), image_size)))
+        features.append(cache.features(keys, pixels(torch.stack([s.image for s in scenes]), image_size)))
         for i, scene in enumerate(scenes, start):
             question, answer = scene.questions[i % len(scene.questions)]
             examples += [Example(i, "", scene.captions[i % len(scene.captions)]), Example(i, question, answer)]
-            questions.append(Example(i, question, answer))
             references.append(list(scene.captions))
-    return Split(torch.cat(features), examples, references, questions)
+    return Split(torch.cat(features), examples, references)
 
 
 def coco_split(root: Path, split: str, size: int, tower: nn.Module, cache_dir: Path, chunk: int = 64) -> Split:

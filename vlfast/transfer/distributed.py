@@ -18,13 +18,13 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, value: float | int) -> float:
-        """The sum of `value` over all processes."""
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over all processes (one all-reduce for all of them)."""
         if self.world == 1:
-            return value
-        total = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item()
+            return [float(v) for v in values]
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return totals.tolist()
 
     def barrier(self) -> None:
         if self.world > 1:

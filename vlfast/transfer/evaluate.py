@@ -67,7 +67,7 @@ def generate(model: VisionLanguageModel, split: Split, prompts: list[Example], c
     """Greedy continuations of each example's prompt given its image. Prompts of one length go
     together, so no batch needs padding."""
     tokenizer = collate.tokenizer
-    encoded = [collate.tokenize([""], [e.prompt])["input_ids"][0, :-1] for e in prompts]  # drop the eos
+    encoded = [torch.tensor(collate.prefix_ids(e.prompt)) for e in prompts]
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for _, same_length in groupby(order, key=lambda i: len(encoded[i])):
@@ -94,8 +94,9 @@ def evaluate(model: VisionLanguageModel, split: Split, collate: CaptionCollator,
     captions = generate(model, split, images, collate, MAX_CAPTION_TOKENS, batch_size, device)
     scores = {"val_loss": lm_loss(model, split, collate, batch_size, device),
               "cider": cider(split.references, captions), "qa_accuracy": None}
-    if split.questions:
-        answers = generate(model, split, split.questions, collate, MAX_ANSWER_TOKENS, batch_size, device)
-        hits = [(a.split() or [""])[0] == q.target for a, q in zip(answers, split.questions, strict=True)]
+    questions = split.questions
+    if questions:
+        answers = generate(model, split, questions, collate, MAX_ANSWER_TOKENS, batch_size, device)
+        hits = [(a.split() or [""])[0] == q.target for a, q in zip(answers, questions, strict=True)]
         scores["qa_accuracy"] = sum(hits) / len(hits)
     return scores

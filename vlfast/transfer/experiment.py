@@ -18,6 +18,7 @@ from vlfast import defaults
 from vlfast.data.collate import CaptionCollator
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
 from vlfast.models.vision import tower_width
+from vlfast.models.vlm import check_tokenizer
 from vlfast.transfer import loop, report
 from vlfast.transfer.config import CONFIG_NAME, DEFAULT, TransferConfig, saved_config
 from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, token_pairs, train_word_converter
@@ -37,9 +38,12 @@ class Parts:
     source_vpg: VPG | None  # given by --source-vpg; None: trained here
 
 
-def check_output_dir(directory: Path, config: TransferConfig, resume: bool, given: dict) -> TransferConfig:
-    """The config to run: the saved one when resuming (settings given now must agree with it, the
-    device aside), otherwise `config`, in a directory that holds no other run."""
+def config_to_run(given: dict, resume: bool) -> TransferConfig:
+    """The settings `given` (config.given_values), in an output directory that holds no other run;
+    when resuming, the run's saved settings, which those given now must agree with (the device
+    aside)."""
+    config = TransferConfig(**given)
+    directory = Path(config.output_dir)
     saved = saved_config(directory)
     if not resume:
         if saved is not None:
@@ -52,7 +56,7 @@ def check_output_dir(directory: Path, config: TransferConfig, resume: bool, give
     if conflicts:
         raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
                          f"{directory / CONFIG_NAME}; resume with the same settings")
-    return dataclasses.replace(saved, device=config.device, output_dir=str(directory))
+    return dataclasses.replace(saved, device=config.device)
 
 
 def _directory(option: str, value: str, path: str | None = None) -> Path:
@@ -61,6 +65,10 @@ def _directory(option: str, value: str, path: str | None = None) -> Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"--{option.replace('_', '-')} {value}: no such directory")
     return directory
+
+
+def _llm_width(llm: nn.Module) -> int:
+    return llm.get_input_embeddings().embedding_dim
 
 
 def _llm(config: TransferConfig, which: str):
@@ -77,18 +85,11 @@ def _llm(config: TransferConfig, which: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     llm = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
-    vocabulary = llm.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocabulary:
-        raise ValueError(f"--{which}-llm {value}: its tokenizer has {len(tokenizer)} tokens but the model embeds "
-                         f"only {vocabulary}")
+    try:
+        check_tokenizer(tokenizer, llm)
+    except ValueError as error:
+        raise ValueError(f"--{which}-llm {value}: {error}") from error
     return llm, tokenizer
-
-
-def _source_vpg(value: str) -> VPG:
-    path = _directory("source_vpg", value)
-    if (path / "config.json").is_file() and '"qformer"' in (path / "config.json").read_text():
-        return VPG.from_pretrained(path)
-    return VPG.from_hf(path)
 
 
 def prepare(config: TransferConfig) -> Parts:
@@ -104,14 +105,14 @@ def prepare(config: TransferConfig) -> Parts:
         from transformers import AutoModel
 
         tower = AutoModel.from_pretrained(_directory("vision", config.vision)).eval().requires_grad_(False)
-    source_vpg = _source_vpg(config.source_vpg) if config.source_vpg else None
+    source_vpg = VPG.from_pretrained(_directory("source_vpg", config.source_vpg)) if config.source_vpg else None
     source_llm, source_tokenizer = _llm(config, "source")
     target_llm, target_tokenizer = _llm(config, "target")
     if source_vpg is not None:
         if source_vpg.config.vision_width != tower_width(tower):
             raise ValueError(f"--source-vpg {config.source_vpg} reads {source_vpg.config.vision_width}-wide image "
                              f"features but the vision tower emits {tower_width(tower)}")
-        width = source_llm.get_input_embeddings().embedding_dim
+        width = _llm_width(source_llm)
         if source_vpg.config.llm_hidden_size != width:
             raise ValueError(f"--source-vpg {config.source_vpg} projects to {source_vpg.config.llm_hidden_size} but "
                              f"the source LLM's hidden size is {width}: they were not trained together")
@@ -130,17 +131,21 @@ def _model(config: TransferConfig, vpg: VPG, llm: nn.Module, tokenizer) -> Visio
                                tokenizer=tokenizer)
 
 
+def _patch_parameters(model: VisionLanguageModel) -> list[nn.Parameter]:
+    """What the connector and the adapters added to the LLM: trained in every stage of every run."""
+    return [p for module in model.llm_patches() for p in module.parameters()]
+
+
 def _all_of(model: VisionLanguageModel) -> list[nn.Parameter]:
-    return [*model.vpg.parameters(), *(p for m in model.llm_patches() for p in m.parameters())]
+    return [*model.vpg.parameters(), *_patch_parameters(model)]
 
 
 def _projector_and_patches(model: VisionLanguageModel) -> list[nn.Parameter]:
-    return [*model.vpg.projector.parameters(), *(p for m in model.llm_patches() for p in m.parameters())]
+    return [*model.vpg.projector.parameters(), *_patch_parameters(model)]
 
 
 def _word_pairs(parts: Parts, train: Split) -> torch.Tensor:
-    if parts.source_tokenizer is parts.target_tokenizer or (
-            parts.source_tokenizer.get_vocab() == parts.target_tokenizer.get_vocab()):
+    if parts.source_tokenizer.get_vocab() == parts.target_tokenizer.get_vocab():
         return shared_vocabulary_pairs(len(parts.source_tokenizer))
     return token_pairs(parts.source_tokenizer, parts.target_tokenizer, [e.target for e in train.examples])
 
@@ -152,31 +157,29 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     begin = time.perf_counter()
     train, val = load_splits(config.data, config.train_images, config.val_images, config.seed, parts.tower,
                              defaults.cache_home() / "features")
-    context = loop.Context(config, processes, train, val, None, out, signals)
     width = tower_width(parts.tower)
 
-    def with_collate(tokenizer) -> loop.Context:
-        return dataclasses.replace(context, collate=CaptionCollator(tokenizer))
+    def context(tokenizer) -> loop.Context:
+        return loop.Context(config, processes, train, val, CaptionCollator(tokenizer), out, signals)
 
     # 1. The source VPG, trained on the source LLM unless given.
     source_vpg, results = parts.source_vpg, {}
     if source_vpg is None:
         torch.manual_seed(loop.seed_for(config.seed, SOURCE))
-        model = _model(config, _new_vpg(config, width, parts.source_llm.config.hidden_size), parts.source_llm,
+        model = _model(config, _new_vpg(config, width, _llm_width(parts.source_llm)), parts.source_llm,
                        parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
                                          [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],
-                                         with_collate(parts.source_tokenizer))
+                                         context(parts.source_tokenizer))
         model.release_llm()
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
-    target_width = parts.target_llm.get_input_embeddings().embedding_dim
 
     # 2. Transfer: converter, merged projector, stage 1 (projector, lr x5, 1 epoch), stage 2 (all, cosine).
     torch.manual_seed(loop.seed_for(config.seed, TRANSFER))
     converter = train_word_converter(parts.source_llm.get_input_embeddings().weight,
                                      parts.target_llm.get_input_embeddings().weight, _word_pairs(parts, train),
                                      epochs=config.converter_epochs, seed=config.seed)
-    vpg = VPG(dataclasses.replace(source_vpg.config, llm_hidden_size=target_width))
+    vpg = VPG(dataclasses.replace(source_vpg.config, llm_hidden_size=_llm_width(parts.target_llm)))
     vpg.load_state_dict({k: v for k, v in source_vpg.state_dict().items() if not k.startswith("projector.")},
                         strict=False)
     vpg.projector = merge_projector(converter, source_vpg.projector)
@@ -184,7 +187,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
                          _projector_and_patches),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of)]
-    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, with_collate(parts.target_tokenizer))
+    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer))
     model.release_llm()
 
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
@@ -193,7 +196,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         model = _model(config, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
         results[SCRATCH] = loop.train_run(SCRATCH, model,
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of)],
-                                          with_collate(parts.target_tokenizer))
+                                          context(parts.target_tokenizer))
         model.release_llm()
     if not processes.main:  # only the main process evaluates
         return {}

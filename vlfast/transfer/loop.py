@@ -102,81 +102,77 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     by_name = dict(model.named_parameters())
     trained = {id(p) for stage in stages for p in stage.trainable(model)}
     trainable_names = sorted(n for n, p in by_name.items() if id(p) in trained)
-    position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0, "history": [], "wall_s": 0.0}
+    plan = [index for index, stage in enumerate(stages) for _ in range(stage.epochs)]  # each epoch's stage
+    steps_per_epoch = len(_batches(len(context.train.examples), config.batch_size, processes.world))
+    # Progress: epochs done and steps into the next; a checkpoint adds the RNG and its stage's optimizer.
+    progress = {"epoch": 0, "step": 0, "history": [], "wall_s": 0.0}
+    resumed = {}
     saved = checkpoint.load(run_dir / "checkpoints")
     if saved is not None:
-        weights, position = saved
+        weights, progress = saved
         model.load_state_dict(weights, strict=False)
-        checkpoint.set_rng_state(position["rng"])
-    writer = _writer(context, name, position["global_step"] if saved else None)
+        checkpoint.set_rng_state(progress.pop("rng"))
+        resumed = {k: progress.pop(k) for k in ("stage", "optimizer", "scheduler")}
+    writer = _writer(context, name, progress["epoch"] * steps_per_epoch + progress["step"] if saved else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stage_index = optimizer = scheduler = network = None
 
-    def save(stage_state: dict | None) -> None:
+    def save() -> None:
         if processes.main:
-            state = {**position, "rng": checkpoint.rng_state(), **(stage_state or {})}
+            state = {**progress, "rng": checkpoint.rng_state(), "stage": stage_index,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             checkpoint.save(run_dir / "checkpoints", {n: by_name[n] for n in trainable_names}, state)
         processes.barrier()
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    steps_per_epoch = len(_batches(len(context.train.examples), config.batch_size, processes.world))
-    while position["stage"] < len(stages):
-        stage = stages[position["stage"]]
-        model.requires_grad_(False)
-        parameters = list(stage.trainable(model))
-        for p in parameters:
-            p.requires_grad_(True)
-        optimizer = _optimizer(parameters, stage.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(stage, stage.epochs * steps_per_epoch, config.min_lr_ratio))
-        if "optimizer" in position:
-            optimizer.load_state_dict(position.pop("optimizer"))
-            scheduler.load_state_dict(position.pop("scheduler"))
-        network = DistributedDataParallel(model) if processes.world > 1 else model
-        while position["epoch"] < stage.epochs:
-            model.train()
-            order = _batches(len(context.train.examples), config.batch_size, processes.world,
-                             seed_for(config.seed, name, position["stage"], position["epoch"]))
-            bar = tqdm(total=steps_per_epoch, initial=position["step"], leave=False, disable=not processes.main,
-                       desc=f"{name} {stage.name} epoch {position['epoch'] + 1}/{stage.epochs}")
-            start = time.perf_counter()
-            for rows in order[position["step"]:]:
-                loss = _step(network, rows, context, processes, autocast)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                position["step"] += 1
-                position["global_step"] += 1
-                if writer:
-                    writer.add_scalar("train/loss", loss, position["global_step"])
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], position["global_step"])
-                scheduler.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                stop = processes.sum(context.signals.received is not None) > 0
-                if stop or position["global_step"] % config.checkpoint_every == 0:
-                    position["wall_s"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-                if stop:
-                    raise Interrupted(context.signals.received or signal.SIGTERM, name, run_dir / "checkpoints")
-            bar.close()
-            position["wall_s"] += time.perf_counter() - start
-            scores = evaluate(model, context.val, context.collate, config.batch_size, device) if processes.main else {}
-            position["history"].append({"epoch": len(position["history"]) + 1, "stage": stage.name,
-                                        "wall_s": round(position["wall_s"], 3), **scores})
+    while progress["epoch"] < len(plan):
+        epoch = progress["epoch"]
+        if plan[epoch] != stage_index:
+            stage_index, stage = plan[epoch], stages[plan[epoch]]
+            optimizer, scheduler = _start_stage(model, stage, stage.epochs * steps_per_epoch, config.min_lr_ratio)
+            if resumed.get("stage") == stage_index:
+                optimizer.load_state_dict(resumed["optimizer"])
+                scheduler.load_state_dict(resumed["scheduler"])
+            network = DistributedDataParallel(model) if processes.world > 1 else model
+        model.train()
+        order = _batches(len(context.train.examples), config.batch_size, processes.world,
+                         seed_for(config.seed, name, epoch))
+        bar = tqdm(total=steps_per_epoch, initial=progress["step"], leave=False, disable=not processes.main,
+                   desc=f"{name} {stage.name} epoch {epoch + 1}/{len(plan)}")
+        start = time.perf_counter()
+        for rows in order[progress["step"]:]:
+            loss = _step(network, rows, context, processes, autocast)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss, stopping = processes.sum([loss, context.signals.received is not None])
+            progress["step"] += 1
+            step = epoch * steps_per_epoch + progress["step"]
             if writer:
-                for metric, value in scores.items():
-                    if value is not None:
-                        writer.add_scalar(f"val/{metric}", value, position["global_step"])
-                writer.flush()
-            position["epoch"], position["step"] = position["epoch"] + 1, 0
-            if position["epoch"] == stage.epochs:
-                position["stage"], position["epoch"] = position["stage"] + 1, 0
-                save(None)
-                break
-            save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-        optimizer.zero_grad(set_to_none=True)
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if stopping or step % config.checkpoint_every == 0:
+                progress["wall_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                save()
+            if stopping:
+                raise Interrupted(context.signals.received or signal.SIGTERM, name, run_dir / "checkpoints")
+        bar.close()
+        progress["wall_s"] += time.perf_counter() - start
+        scores = evaluate(model, context.val, context.collate, config.batch_size, device) if processes.main else {}
+        progress["history"].append({"epoch": epoch + 1, "stage": stage.name, "wall_s": round(progress["wall_s"], 3),
+                                    **scores})
+        if writer:
+            for metric, value in scores.items():
+                if value is not None:
+                    writer.add_scalar(f"val/{metric}", value, (epoch + 1) * steps_per_epoch)
+            writer.flush()
+        progress["epoch"], progress["step"] = epoch + 1, 0
+        save()
     model.requires_grad_(False)
-    result = {"history": position["history"], "wall_s": round(position["wall_s"], 3),
-              "steps": position["global_step"]}
+    result = {"history": progress["history"], "wall_s": round(progress["wall_s"], 3),
+              "steps": len(plan) * steps_per_epoch}
     if processes.main:
         model.vpg.save_pretrained(run_dir / "vpg")
         (run_dir / RESULT).write_text(json.dumps(result, indent=1))
@@ -184,6 +180,16 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     if writer:
         writer.close()
     return result
+
+
+def _start_stage(model: VisionLanguageModel, stage: Stage, steps: int, min_lr_ratio: float):
+    """Only the stage's parameters train: its optimizer and lr schedule over `steps`."""
+    model.requires_grad_(False)
+    parameters = list(stage.trainable(model))
+    for p in parameters:
+        p.requires_grad_(True)
+    optimizer = _optimizer(parameters, stage.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, steps, min_lr_ratio))
 
 
 def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[torch.Tensor]:
@@ -196,18 +202,19 @@ def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[
 def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: Processes, autocast) -> float:
     """Forward and backward of this process's share of one global batch; the loss is normalised by
     the batch's labelled tokens over all processes, so any number of processes gives the same
-    gradient (DDP averages over processes, hence the factor `world`). Returns the batch's loss."""
+    gradient (DDP averages over processes, hence the factor `world`). Returns this process's part
+    of the batch's loss (they sum to it)."""
     mine = rows[processes.rank::processes.world]
     examples = [context.train.examples[i] for i in mine.tolist()]
     batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
     batch = {k: v.to(processes.device) for k, v in batch.items()}
-    tokens = processes.sum(labelled_tokens(batch["labels"]))
+    (tokens,) = processes.sum([labelled_tokens(batch["labels"])])
     features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
     with autocast:
         loss = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
                        num_items_in_batch=tokens)
     (loss * processes.world).backward()
-    return processes.sum(loss.item())
+    return loss.item()
 
 
 def _writer(context: Context, name: str, purge_step: int | None):
