@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from vlfast.kernels.cross_attention import launch_config
 
-from benchmarks.results import save_bar_chart, save_json
+from benchmarks.results import save_bar_chart, save_projection
 from vlfast.costmodel import H100, AttentionShape, chain_seconds, cross_attention_eager, cross_attention_floor
 from vlfast.costmodel import cross_attention_triton as triton_cost
 from vlfast.ops import cross_attention
@@ -121,7 +121,7 @@ def test_projected_h100_roofline(benchmark):
     adds a dK / dV kernel that reads Q and dO once per key block."""
     rows = benchmark(lambda: projection(torch.bfloat16) + projection(torch.bfloat16, queries=256))
     benchmark.extra_info["projected_h100"] = rows
-    save_json("cross_attention_projected_h100", rows)
+    save_projection("cross_attention_projected_h100", "cross_attention on H100 (projected)", rows)
     labels = [f"{r['pass']}\nLq={r['shape'].split('Lq=')[1].split()[0]}" for r in rows]
     save_bar_chart(
         "cross_attention_projected_h100",

@@ -14,13 +14,13 @@ import pytest
 import torch
 from vlfast.kernels.memvp_memory import launch_config
 
-from benchmarks.results import save_bar_chart, save_json
-from vlfast.costmodel import H100, MemVPShape, chain_seconds, llm_forward_flops, memvp_eager, memvp_floor, memvp_triton
+from benchmarks.results import save_bar_chart, save_projection
+from vlfast.costmodel import H100, LLMS, MemVPShape, Stack, chain_seconds, memvp_eager, memvp_floor, memvp_triton
 from vlfast.ops import memvp_memory
 from vlfast.ops.reference import memvp_memory_autograd
 
 CPU_SHAPE = (1, 128, 128, 1024)  # (B, L, M, D); M <= 128 so that triton takes fp32
-LLAMA_7B = dict(layers=32, hidden=4096, ffn=11008)
+LLAMA_7B = Stack.from_config(LLMS["llama-7b"])
 TEXT_TOKENS, VISUAL_TOKENS, MEMORY_ROWS = 512, 256, 320
 
 IMPLEMENTATIONS = {
@@ -75,9 +75,9 @@ def projection() -> dict:
     floor = memvp_floor(shape)
     fused, l2_bytes = memvp_triton(shape, cfg["BLOCK_L"], cfg["BLOCK_M"])
     eager = memvp_eager(shape)
-    text_only = llm_forward_flops(**LLAMA_7B, tokens=TEXT_TOKENS)
-    memory_space = llm_forward_flops(**LLAMA_7B, tokens=TEXT_TOKENS, memory_rows=MEMORY_ROWS)
-    input_space = llm_forward_flops(**LLAMA_7B, tokens=TEXT_TOKENS + VISUAL_TOKENS)
+    text_only = LLAMA_7B.forward_flops(TEXT_TOKENS)
+    memory_space = LLAMA_7B.forward_flops(TEXT_TOKENS, MEMORY_ROWS)
+    input_space = LLAMA_7B.forward_flops(TEXT_TOKENS + VISUAL_TOKENS)
     return {
         "shape": "B=8 L=512 M=320 D=4096 bf16 (forward)",
         "floor_bytes": floor.bytes, "floor_flops": floor.flops, "floor_us": floor.seconds(H100) * 1e6,
@@ -98,7 +98,7 @@ def test_projected_h100(benchmark):
     """Labelled projection (the benchmark times the cost model; the numbers are in the results)."""
     result = benchmark(projection)
     benchmark.extra_info["projected_h100"] = result
-    save_json("memvp_memory_projected_h100", [result])
+    save_projection("memvp_memory_projected_h100", "memvp_memory on H100 (projected)", [result])
     flops = result["llm_gflops_per_sample"]
     save_bar_chart(
         "memvp_memory_projected",

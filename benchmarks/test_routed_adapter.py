@@ -14,7 +14,7 @@ import pytest
 import torch
 from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, launch_config
 
-from benchmarks.results import save_bar_chart, save_json
+from benchmarks.results import save_bar_chart, save_projection
 from vlfast.costmodel import H100, AdapterShape, chain_seconds, routed_adapter_eager, routed_adapter_floor
 from vlfast.costmodel import routed_adapter_triton as triton_cost
 from vlfast.ops import routed_adapter
@@ -90,7 +90,7 @@ def test_projected_h100(benchmark):
     """Labelled projection (the benchmark times the cost model; the numbers are in the results)."""
     result = benchmark(projection)
     benchmark.extra_info["projected_h100"] = result
-    save_json("routed_adapter_projected_h100", [result])
+    save_projection("routed_adapter_projected_h100", "routed_adapter on H100 (projected)", [result])
     save_bar_chart("routed_adapter_projected_h100",
                    f"routed_adapter, projected H100 time / one-read-one-write floor\n{result['shape']}",
                    ["forward"],

@@ -97,11 +97,13 @@ class VisionLanguageModel(nn.Module):
                 out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **loss_kwargs)
                 return out.loss if labels is not None else out.logits
             embeds, mask = self._prepend(prompts, input_ids, attention_mask)
-            queries = prompts.shape[1]
             if labels is not None:
-                labels_ = nn.functional.pad(labels, (queries, 0), value=IGNORE_INDEX)
-                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_, **loss_kwargs).loss
-            return self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, queries:]
+                # Logits only where a label is predicted (the last prompt position and the text): the
+                # LM head and its softmax over the other prompt positions would be thrown away.
+                labels_ = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
+                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_,
+                                logits_to_keep=labels_.shape[1], **loss_kwargs).loss
+            return self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
 
         return self._run(run, prompts, modalities)
 

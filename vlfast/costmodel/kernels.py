@@ -175,15 +175,6 @@ def memvp_eager(s: MemVPShape, dropout: bool = True) -> list[Cost]:
     ]
 
 
-def llm_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, memory_rows: int = 0) -> float:
-    """Matrix FLOPs of a Llama-style decoder's forward over `tokens` tokens (attention projections,
-    scores and mixing, the gated FFN) plus MemVP's two L x M x D products per layer."""
-    per_token = 2 * (4 * hidden * hidden + 3 * hidden * ffn)
-    attention = 4.0 * tokens * tokens * hidden  # q k^T and p v, causal halving ignored
-    memvp = 4.0 * tokens * memory_rows * hidden
-    return layers * (per_token * tokens + attention + memvp)
-
-
 @dataclass(frozen=True)
 class AdapterShape:
     batch: int

@@ -1,0 +1,99 @@
+"""vlfast.costmodel on numbers checked by hand, and its command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import Blip2Config, OPTConfig
+
+from vlfast.costmodel import A100, H100, LLMS, PAPER, AttentionShape, Setup, Stack, cross_attention_floor
+from vlfast.costmodel.__main__ import main
+from vlfast.costmodel.training import QFormerStack, against_paper, fused_seconds_saved, llm_config, transfer_lines
+
+
+def test_parameter_counts_of_known_models():
+    # OPT-6.7B: 32 x (4 x 4096^2 + 2 x 4096 x 16384) + 50272 x 4096 (positions and biases left out).
+    assert Stack.from_config(LLMS["opt-6.7b"]).parameters == 32 * 201_326_592 + 205_914_112
+    # LLaMA-7B, gated FFN: 32 x (4 x 4096^2 + 3 x 4096 x 11008) + 32000 x 4096 = 6.607e9 (+ input embeddings: 6.74B).
+    assert Stack.from_config(LLMS["llama-7b"]).parameters == 6_607_077_376
+    # EVA ViT-g as BLIP-2 runs it (39 layers): 39 x (4 x 1408^2 + 2 x 1408 x 6144), no head.
+    vision = Stack.from_config(Blip2Config().vision_config)
+    assert (vision.parameters, vision.vocab, vision.causal) == (984_023_040, 0, False)
+
+
+def test_forward_and_backward_flops_by_hand():
+    stack = Stack(layers=1, hidden=2, ffn=3, vocab=5)
+    # projections 2*4*(4*4 + 2*2*3) = 224; causal attention 4*16*2/2 = 64; MemVP 4*4*3*2 = 96; head 2*4*2*5 = 80
+    assert stack.forward_flops(4, memory_rows=3) == 224 + 64 + 96 + 80
+    # frozen backward: every product again, attention and MemVP twice
+    assert stack.input_gradient_flops(4, memory_rows=3) == 464 + 64 + 96
+    assert Stack(1, 2, 3, causal=False).forward_flops(4) == 224 + 128
+
+
+def test_qformer_flops_by_hand():
+    q = QFormerStack(layers=2, hidden=2, heads=1, ffn=3, cross_every=2, queries=1, image_width=4)
+    # per layer 2*1*(16 + 12) + 4*1*1*2 = 64; one cross layer: 2*1*2*4 + 2*5*2*4*2 + 4*1*5*2 = 16 + 160 + 40
+    assert q.forward_flops(image_tokens=5) == 2 * 64 + 216
+
+
+def test_setup_components():
+    setup = Setup(Stack.from_config(LLMS["opt-2.7b"]))
+    flops = setup.flops_per_sample()
+    assert setup.llm_tokens == 64 and setup.memory_rows == 0
+    cached = Setup(setup.llm, feature_cache=True, connector="memory", train_qformer=False).flops_per_sample()
+    assert cached["vision tower"] == 0
+    assert cached["LLM"] < flops["LLM"] / 1.8  # 32 text tokens instead of 64
+    assert cached["Q-Former + projector"] < flops["Q-Former + projector"] / 2.5  # forward only
+    assert setup.feature_bytes() == 2 * 257 * 1408
+    assert setup.gpu_hours(1e6, H100) < setup.gpu_hours(1e6, A100)
+
+
+def test_attention_floor_by_hand():
+    # fp16 q and out 2 x 8 elements, k and v 2 x 12, fp32 lse 2 x 4 bytes; FLOPs 4 * 2 * 3 * 4
+    floor = cross_attention_floor(AttentionShape(1, 1, 2, 3, 4, masked=False))
+    assert (floor.bytes, floor.flops) == (2 * (16 + 24) + 8, 96)
+
+
+def test_reproduces_the_paper_within_a_quarter():
+    lines = transfer_lines(*PAPER["pair"])
+    checks = against_paper(lines)
+    assert set(checks) == {"scratch", "VPGTrans"}
+    for check in checks.values():
+        assert abs(check["error"]) <= 0.25
+        assert 0.3 < check["implied_utilisation"] < 0.6
+    hours = [ln.gpu_hours for ln in lines if ln.kind == "projected" and not ln.label.startswith("(")]
+    assert hours == sorted(hours, reverse=True)  # every vlfast change saves time
+
+
+def test_fused_ops_save_little_at_blip2_scale():
+    """Honest scale: the fused Q-Former attention and MemVP are memory-bound slivers of a sample."""
+    setup = Setup(Stack.from_config(LLMS["opt-6.7b"]), connector="memory", feature_cache=True)
+    saved = fused_seconds_saved(setup)
+    assert 0 < saved < 0.01 * setup.seconds_per_sample()
+
+
+def test_other_pairs_and_local_configs(tmp_path):
+    OPTConfig(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32).save_pretrained(tmp_path)
+    assert llm_config(str(tmp_path)).hidden_size == 2560
+    assert llm_config(str(tmp_path / "config.json")).ffn_dim == 10240
+    from_dir = transfer_lines(str(tmp_path), "llama-7b")
+    named = transfer_lines("opt-2.7b", "llama-7b")
+    assert [ln.gpu_hours for ln in from_dir] == [ln.gpu_hours for ln in named]
+    assert all(ln.kind == "projected" for ln in named)  # the paper reports no such pair
+    with pytest.raises(ValueError, match="unknown LLM 'gpt-9'"):
+        llm_config("gpt-9")
+
+
+def test_command_line(capsys):
+    main(["--json"])
+    lines = json.loads(capsys.readouterr().out)
+    assert lines[0]["label"] == "scratch (paper)" and lines[0]["gpu_hours"] == 631.5
+    main(["--source", "opt-125m", "--target", "opt-1.3b", "--gpu", "h100"])
+    out = capsys.readouterr().out
+    assert "H100-hours" in out and "opt-1.3b" in out and "(paper)" not in out
+    for options, message in ((["--target", "gpt-9"], "unknown LLM 'gpt-9'"),
+                             (["--utilisation", "0"], "--utilisation must be in (0, 1]")):
+        bad = subprocess.run([sys.executable, "-m", "vlfast.costmodel", *options], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr
