@@ -27,6 +27,25 @@ def check_tokenizer(tokenizer, llm: nn.Module) -> None:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only {rows}")
 
 
+def prepend_prompts(llm: nn.Module, prompts: Tensor, input_ids: Tensor,
+                    attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Input embeddings and attention mask of soft prompts (B, K, D) followed by the text."""
+    text = llm.get_input_embeddings()(input_ids)
+    embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
+    return embeds, nn.functional.pad(attention_mask, (prompts.shape[1], 0), value=1)
+
+
+def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     **loss_kwargs) -> Tensor:
+    """The LM loss on `labels` of the text read after the soft `prompts`. Logits are computed only
+    where a label is predicted (the last prompt position and the text): the LM head and its softmax
+    over the other prompt positions would be thrown away."""
+    embeds, mask = prepend_prompts(llm, prompts, input_ids, attention_mask)
+    labels = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
+    return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1],
+               **loss_kwargs).loss
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
                  mma: dict | None = None, tokenizer=None) -> None:
@@ -84,10 +103,12 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, *,
                 pixel_values: Tensor | None = None, image_features: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+                num_items_in_batch: int | Tensor | None = None,
+                return_prompts: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The LM loss on `labels` (-100 ignored), or the logits when labels is None. The loss is the
         mean over labelled tokens, or their sum over `num_items_in_batch` when given (what keeps
-        data-parallel shards of one batch equal to the whole batch)."""
+        data-parallel shards of one batch equal to the whole batch). With return_prompts, also the
+        visual prompts (B, Q, D) (for a loss on them, such as P-Former alignment)."""
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -96,22 +117,13 @@ class VisionLanguageModel(nn.Module):
             if self.connector == "memory":
                 out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **loss_kwargs)
                 return out.loss if labels is not None else out.logits
-            embeds, mask = self._prepend(prompts, input_ids, attention_mask)
             if labels is not None:
-                # Logits only where a label is predicted (the last prompt position and the text): the
-                # LM head and its softmax over the other prompt positions would be thrown away.
-                labels_ = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
-                return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels_,
-                                logits_to_keep=labels_.shape[1], **loss_kwargs).loss
+                return prompted_lm_loss(self.llm, prompts, input_ids, attention_mask, labels, **loss_kwargs)
+            embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
             return self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
 
-        return self._run(run, prompts, modalities)
-
-    def _prepend(self, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        text = self.llm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
-        mask = nn.functional.pad(attention_mask, (prompts.shape[1], 0), value=1)
-        return embeds, mask
+        out = self._run(run, prompts, modalities)
+        return (out, prompts) if return_prompts else out
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pixel_values: Tensor | None = None,
                  image_features: Tensor | None = None, **generate_kwargs) -> Tensor:
@@ -125,7 +137,7 @@ class VisionLanguageModel(nn.Module):
             if self.connector == "memory":
                 out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
                 return out[:, input_ids.shape[1]:]
-            embeds, mask = self._prepend(prompts, input_ids, attention_mask)
+            embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
         return self._run(run, prompts, modalities)

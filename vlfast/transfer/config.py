@@ -44,6 +44,10 @@ class TransferConfig:
     num_query_tokens: int = 8
     qformer_hidden: int = 64
     qformer_layers: int = 2
+    # P-Former alignment (SPEC.md section 7): weight * MSE(VPG prompts, P-Former prompts) on captions.
+    pformer: str | None = None  # the output directory of `python -m vlfast.pformer train`; None: no alignment
+    pformer_weight_stage1: float = 10.0  # in the transfer's stage 1
+    pformer_weight_stage2: float = 100.0  # in its stage 2, and in the scratch run
     # The run.
     baseline: bool = True  # also train the VPG on the target from scratch, and report the speed-up
     seed: int = 0
@@ -62,6 +66,8 @@ class TransferConfig:
         checks |= {name: (getattr(self, name) > 0, "a positive number")
                    for name in ("train_images", "val_images", "source_epochs", "batch_size", "lr",
                                 "stage1_lr_multiplier", "converter_epochs", "num_query_tokens", "checkpoint_every")}
+        checks |= {name: (getattr(self, name) >= 0, "0 or more")
+                   for name in ("pformer_weight_stage1", "pformer_weight_stage2")}
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
@@ -91,6 +97,19 @@ def _parse_type(annotation: str):
     return {"int": int, "float": float, "str": str, "str | None": str}[annotation]
 
 
+def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of the dataclass `cls`, its default shown but left unset (None), so that
+    the values given can be told apart from the defaults."""
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"default: {getattr(defaults, field.name)}"
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=_parse_type(str(field.type)), default=None, help=help_text)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """One option per TransferConfig field (defaults left unset so that presets, YAML and the
     command line layer in that order), plus --config, --preset and --resume."""
@@ -99,14 +118,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=list(PRESETS), help="smoke: a seconds-long run for tests")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint")
-    defaults = TransferConfig()
-    for name, field in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"default: {getattr(defaults, name)}"
-        if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=_parse_type(str(field.type)), default=None, help=help_text)
+    add_fields(parser, TransferConfig)
     return parser
 
 

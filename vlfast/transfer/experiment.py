@@ -19,6 +19,8 @@ from vlfast.data.collate import CaptionCollator
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
 from vlfast.models.vision import tower_width
 from vlfast.models.vlm import check_tokenizer
+from vlfast.pformer.model import PFormer
+from vlfast.pformer.model import load as load_pformer
 from vlfast.transfer import loop, report
 from vlfast.transfer.config import CONFIG_NAME, DEFAULT, TransferConfig, saved_config
 from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, token_pairs, train_word_converter
@@ -36,6 +38,7 @@ class Parts:
     source_tokenizer: object
     target_tokenizer: object
     source_vpg: VPG | None  # given by --source-vpg; None: trained here
+    pformer: PFormer | None = None  # given by --pformer: reference prompts for the target LLM
 
 
 def config_to_run(given: dict, resume: bool) -> TransferConfig:
@@ -71,24 +74,26 @@ def _llm_width(llm: nn.Module) -> int:
     return llm.get_input_embeddings().embedding_dim
 
 
-def _llm(config: TransferConfig, which: str):
-    value = getattr(config, f"{which}_llm")
+def load_llm(value: str, option: str, default: str):
+    """(frozen causal LM, tokenizer) from a Hugging Face directory, or the embedded default's LM
+    named `default` when value is 'default'; `option` names the setting in errors."""
     if value == DEFAULT:
-        return defaults.default_lm(which), defaults.shapes_tokenizer()
+        return defaults.default_lm(default), defaults.shapes_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _directory(f"{which}_llm", value)
+    flag = "--" + option.replace("_", "-")
+    path = _directory(option, value)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"--{which}-llm {value}: no tokenizer that loads there ({error})") from error
+        raise ValueError(f"{flag} {value}: no tokenizer that loads there ({error})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     llm = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     try:
         check_tokenizer(tokenizer, llm)
     except ValueError as error:
-        raise ValueError(f"--{which}-llm {value}: {error}") from error
+        raise ValueError(f"{flag} {value}: {error}") from error
     return llm, tokenizer
 
 
@@ -106,8 +111,8 @@ def prepare(config: TransferConfig) -> Parts:
 
         tower = AutoModel.from_pretrained(_directory("vision", config.vision)).eval().requires_grad_(False)
     source_vpg = VPG.from_pretrained(_directory("source_vpg", config.source_vpg)) if config.source_vpg else None
-    source_llm, source_tokenizer = _llm(config, "source")
-    target_llm, target_tokenizer = _llm(config, "target")
+    source_llm, source_tokenizer = load_llm(config.source_llm, "source_llm", "source")
+    target_llm, target_tokenizer = load_llm(config.target_llm, "target_llm", "target")
     if source_vpg is not None:
         if source_vpg.config.vision_width != tower_width(tower):
             raise ValueError(f"--source-vpg {config.source_vpg} reads {source_vpg.config.vision_width}-wide image "
@@ -116,7 +121,27 @@ def prepare(config: TransferConfig) -> Parts:
         if source_vpg.config.llm_hidden_size != width:
             raise ValueError(f"--source-vpg {config.source_vpg} projects to {source_vpg.config.llm_hidden_size} but "
                              f"the source LLM's hidden size is {width}: they were not trained together")
-    return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg)
+    pformer = _checked_pformer(config, target_llm, target_tokenizer, source_vpg) if config.pformer else None
+    return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg, pformer)
+
+
+def _checked_pformer(config: TransferConfig, target_llm: nn.Module, target_tokenizer, source_vpg: VPG | None):
+    """The P-Former of --pformer, if it was trained for the target LLM and emits as many prompts as
+    the VPG has queries."""
+    directory = _directory("pformer", config.pformer)
+    pformer, tokenizer = load_pformer(directory)
+    queries = source_vpg.config.num_query_tokens if source_vpg is not None else config.num_query_tokens
+    problems = {
+        f"emits prompts {pformer.config.llm_hidden_size} wide, but the target LLM's hidden size is "
+        f"{_llm_width(target_llm)}": pformer.config.llm_hidden_size != _llm_width(target_llm),
+        f"emits {pformer.config.num_prompts} prompts, but the VPG has {queries} query tokens (train it with "
+        f"--num-prompts {queries})": pformer.config.num_prompts != queries,
+        "reads another tokenizer's ids than the target LLM's": tokenizer.get_vocab() != target_tokenizer.get_vocab(),
+    }
+    for problem, found in problems.items():
+        if found:
+            raise ValueError(f"--pformer {config.pformer}: the P-Former {problem}")
+    return pformer
 
 
 def _new_vpg(config: TransferConfig, vision_width: int, llm_width: int) -> VPG:
@@ -160,7 +185,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     width = tower_width(parts.tower)
 
     def context(tokenizer) -> loop.Context:
-        return loop.Context(config, processes, train, val, CaptionCollator(tokenizer), out, signals)
+        return loop.Context(config, processes, train, val, CaptionCollator(tokenizer), out, signals, parts.pformer)
 
     # 1. The source VPG, trained on the source LLM unless given.
     source_vpg, results = parts.source_vpg, {}
@@ -185,8 +210,8 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     vpg.projector = merge_projector(converter, source_vpg.projector)
     model = _model(config, vpg, parts.target_llm, parts.target_tokenizer)
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
-                         _projector_and_patches),
-              loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of)]
+                         _projector_and_patches, config.pformer_weight_stage1),
+              loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of, config.pformer_weight_stage2)]
     results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer))
     model.release_llm()
 
@@ -195,7 +220,8 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         torch.manual_seed(loop.seed_for(config.seed, SCRATCH))
         model = _model(config, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
         results[SCRATCH] = loop.train_run(SCRATCH, model,
-                                          [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of)],
+                                          [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of,
+                                                      config.pformer_weight_stage2)],
                                           context(parts.target_tokenizer))
         model.release_llm()
     if not processes.main:  # only the main process evaluates

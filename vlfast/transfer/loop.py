@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vlfast.data.collate import CaptionCollator
 from vlfast.models import VisionLanguageModel
+from vlfast.pformer.model import PFormer, alignment_loss, caption_ids
 from vlfast.transfer import checkpoint
 from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.data import Split
@@ -36,6 +37,7 @@ class Stage:
     lr: float
     schedule: str  # constant | cosine (to lr * min_lr_ratio)
     trainable: Callable[[VisionLanguageModel], Iterable[nn.Parameter]]
+    align_weight: float = 0.0  # weight of the P-Former alignment loss (when the context has a P-Former)
 
 
 class Interrupted(Exception):
@@ -71,6 +73,7 @@ class Context:
     collate: CaptionCollator
     output_dir: Path
     signals: StopSignals
+    pformer: PFormer | None = None  # frozen; gives reference prompts for the captions
 
 
 def seed_for(*parts: object) -> int:
@@ -139,19 +142,23 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         bar = tqdm(total=steps_per_epoch, initial=progress["step"], leave=False, disable=not processes.main,
                    desc=f"{name} {stage.name} epoch {epoch + 1}/{len(plan)}")
         start = time.perf_counter()
+        aligned = context.pformer is not None and stage.align_weight > 0
         for rows in order[progress["step"]:]:
-            loss = _step(network, rows, context, processes, autocast)
+            lm, align = _step(network, rows, context, processes, autocast, stage.align_weight if aligned else 0.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss, stopping = processes.sum([loss, context.signals.received is not None])
+            lm, align, stopping = processes.sum([lm, align, context.signals.received is not None])
             progress["step"] += 1
             step = epoch * steps_per_epoch + progress["step"]
+            terms = {"lm_loss": lm, "align_loss": align} if aligned else {"lm_loss": lm}
             if writer:
-                writer.add_scalar("train/loss", loss, step)
+                for term, value in terms.items():
+                    writer.add_scalar(f"train/{term}", value, step)
+                writer.add_scalar("train/loss", lm + stage.align_weight * align, step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
             scheduler.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix({term.removesuffix("_loss"): f"{value:.3f}" for term, value in terms.items()})
             if stopping or step % config.checkpoint_every == 0:
                 progress["wall_s"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -199,22 +206,33 @@ def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[
     return [rows for rows in order if len(rows) >= world]
 
 
-def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: Processes, autocast) -> float:
+def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: Processes, autocast,
+          align_weight: float) -> tuple[float, float]:
     """Forward and backward of this process's share of one global batch; the loss is normalised by
     the batch's labelled tokens over all processes, so any number of processes gives the same
-    gradient (DDP averages over processes, hence the factor `world`). Returns this process's part
-    of the batch's loss (they sum to it)."""
+    gradient (DDP averages over processes, hence the factor `world`). With align_weight > 0, the
+    P-Former alignment loss on the batch's captions (examples without a prompt) joins it, normalised
+    over all processes' captions. Returns this process's parts of the batch's LM loss and alignment
+    loss (over processes they sum to the batch's)."""
     mine = rows[processes.rank::processes.world]
     examples = [context.train.examples[i] for i in mine.tolist()]
     batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
     batch = {k: v.to(processes.device) for k, v in batch.items()}
-    (tokens,) = processes.sum([labelled_tokens(batch["labels"])])
+    captions = [i for i, e in enumerate(examples) if not e.prompt]
+    tokens, caption_count = processes.sum([labelled_tokens(batch["labels"]), len(captions)])
     features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
     with autocast:
-        loss = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
-                       num_items_in_batch=tokens)
-    (loss * processes.world).backward()
-    return loss.item()
+        lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
+                              num_items_in_batch=tokens, return_prompts=True)
+    align = prompts.sum() * 0  # keeps every prompt in the graph, as DDP wants, when there is nothing to align
+    if align_weight > 0 and caption_count > 0:
+        ids, mask = caption_ids(context.collate.tokenizer, [examples[i].target for i in captions],
+                                context.pformer.config.max_length)
+        with torch.no_grad():
+            reference = context.pformer(ids.to(processes.device), mask.to(processes.device))
+        align = align + alignment_loss(prompts[captions], reference, caption_count * reference[0].numel())
+    ((lm + align_weight * align) * processes.world).backward()
+    return lm.item(), align.item()
 
 
 def _writer(context: Context, name: str, purge_step: int | None):

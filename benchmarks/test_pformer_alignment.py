@@ -1,0 +1,60 @@
+"""P-Former alignment, measured on the embedded default: epochs to the plain scratch run's best
+validation loss, with and without the alignment loss, for training from scratch and for VPGTrans.
+
+`python -m vlfast.pformer train` (defaults) gives the P-Former; `python -m vlfast.transfer` then runs
+twice on the same budget as test_gpu_hours.py, without and with `--pformer` (the second reuses the
+first's source VPG, so both transfer the same one).
+
+    pytest benchmarks/test_pformer_alignment.py --benchmark-only
+"""
+from __future__ import annotations
+
+from benchmarks.results import markdown_table, save_bar_chart, save_json, save_markdown
+from benchmarks.test_gpu_hours import BUDGET
+from vlfast.pformer.__main__ import main as pformer_main
+from vlfast.transfer.__main__ import main as transfer_main
+from vlfast.transfer.report import epochs_to_reach
+
+RUNS = ("scratch", "transfer")
+
+
+def experiment(tmp_path) -> dict:
+    pformer_history = pformer_main(["train", "--output-dir", str(tmp_path / "pformer")])
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in BUDGET.items()]
+    plain = transfer_main([*options, "--output-dir", str(tmp_path / "plain")])
+    aligned = transfer_main([*options, "--source-vpg", str(tmp_path / "plain" / "source" / "vpg"),
+                             "--pformer", str(tmp_path / "pformer"), "--output-dir", str(tmp_path / "aligned")])
+    return {"pformer": pformer_history, "plain": plain, "aligned": aligned}
+
+
+def test_alignment_epochs_to_target(benchmark, tmp_path):
+    """Labelled measurement: one seed, one budget; reported whichever way it goes."""
+    benchmark.group = "P-Former alignment experiment, CPU"
+    reports = benchmark.pedantic(experiment, args=(tmp_path,), rounds=1, iterations=1)
+    metric = reports["plain"]["target_metric"]
+    target = reports["plain"]["runs"]["scratch"]["best"]
+    rows, result = [], {"kind": "measured", "budget": BUDGET, "metric": metric, "target": target,
+                        "pformer_history": reports["pformer"], "runs": {}}
+    for alignment in ("plain", "aligned"):
+        for run in RUNS:
+            history = reports[alignment]["runs"][run]["history"]
+            reached = epochs_to_reach(history, metric, target)
+            label = "VPGTrans" if run == "transfer" else run
+            name = f"{label}, {'with' if alignment == 'aligned' else 'without'} alignment"
+            result["runs"][name] = {"epochs_to_target": reached, "scores": [h[metric] for h in history],
+                                    "best": reports[alignment]["runs"][run]["best"]}
+            rows.append([name, reached or f"not in {len(history)}", f"{reports[alignment]['runs'][run]['best']:.3f}",
+                         " ".join(f"{h[metric]:.3f}" for h in history)])
+    assert result["runs"]["scratch, without alignment"]["epochs_to_target"] is not None  # its own best
+    save_json("pformer_alignment", result)
+    recon = [h["val_reconstruction"] for h in reports["pformer"]]
+    save_markdown("pformer_alignment", "P-Former alignment (measured, CPU)",
+                  f"Target: the plain scratch run's best {metric}, {target:.3f}. Budget: "
+                  f"{', '.join(f'{k}={v}' for k, v in BUDGET.items())}; alignment weight 10 in stage 1, 100 in "
+                  f"stage 2 and in the scratch run. P-Former (`python -m vlfast.pformer train`): validation "
+                  f"reconstruction loss {recon[0]:.3f} -> {recon[-1]:.3f} over {len(recon)} epochs.\n\n"
+                  + markdown_table(["run", "epochs to target", f"best {metric}", f"{metric} per epoch"], rows))
+    names = list(result["runs"])
+    save_bar_chart("pformer_alignment", f"Epochs to the plain scratch run's best {metric} (measured; lower is better)",
+                   names, {"epochs": [result["runs"][n]["epochs_to_target"] or float("nan") for n in names]},
+                   "epochs (not reached: no bar)")

@@ -1,0 +1,135 @@
+"""The P-Former (SPEC.md section 7): a small BERT-style encoder that reads a caption and emits K
+prompt vectors in a frozen LLM's input space, trained on text alone; and the three terms of its
+loss. It reads the LLM tokenizer's ids, plus two ids of its own: [CLS] and [MASK]."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+CONFIG_NAME, WEIGHTS_NAME = "pformer.json", "model.safetensors"
+MODEL_DIR = "pformer"  # the model and its tokenizer, in the output directory of `python -m vlfast.pformer train`
+
+
+@dataclass
+class PFormerConfig:
+    vocab_size: int  # the LLM tokenizer's
+    num_prompts: int  # K: must equal the VPG's query tokens it is aligned with
+    llm_hidden_size: int
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_length: int = 64
+    dropout: float = 0.1
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size + 1
+
+
+class PFormer(nn.Module):
+    """Caption ids (B, T) -> prompts (B, K, LLM width): a linear head on [CLS] to K x hidden, then a
+    projection to the LLM's width."""
+
+    def __init__(self, config: PFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = BertModel(BertConfig(
+            vocab_size=config.vocab_size + 2, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_length + 1, hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout), add_pooling_layer=False)
+        self.head = nn.Linear(config.hidden_size, config.num_prompts * config.hidden_size)
+        self.projection = nn.Linear(config.hidden_size, config.llm_hidden_size)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(sentence embedding: the [CLS] state (B, hidden), prompts (B, K, LLM width))."""
+        if input_ids.shape[1] > self.config.max_length:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; this P-Former reads at most "
+                             f"{self.config.max_length}")
+        cls = torch.full_like(input_ids[:, :1], self.config.cls_id)
+        ids = torch.cat([cls, input_ids], dim=1)
+        mask = F.pad(attention_mask, (1, 0), value=1)
+        sentence = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        prompts = self.head(sentence).view(-1, self.config.num_prompts, self.config.hidden_size)
+        return sentence, self.projection(prompts)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.encode(input_ids, attention_mask)[1]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PFormer:
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a P-Former written by "
+                                        f"python -m vlfast.pformer train")
+        model = cls(PFormerConfig(**json.loads((directory / CONFIG_NAME).read_text())))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return model
+
+
+def mask_tokens(input_ids: Tensor, attention_mask: Tensor, rate: float, mask_id: int,
+                generator: torch.Generator | None = None) -> Tensor:
+    """input_ids with each real (unpadded) token replaced by mask_id with probability `rate`."""
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < rate
+    return torch.where(draw & attention_mask.bool(), torch.full_like(input_ids, mask_id), input_ids)
+
+
+def contrastive_loss(a: Tensor, b: Tensor, temperature: float = 0.07) -> Tensor:
+    """InfoNCE between two views' sentence embeddings (B, H): row i of `a` should pick row i of
+    `b` among all rows, and the other way round; cosine similarities over `temperature`."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    targets = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def nearest_word_loss(prompts: Tensor, word_embeddings: Tensor) -> Tensor:
+    """Mean squared distance (per element) of each prompt vector to its nearest word embedding:
+    pulls the prompts toward the region of input space the LLM was trained on."""
+    flat = prompts.reshape(-1, prompts.shape[-1])
+    distances = torch.cdist(flat.float(), word_embeddings.float()).square()
+    return distances.min(dim=1).values.mean() / prompts.shape[-1]
+
+
+def alignment_loss(vpg_prompts: Tensor, pformer_prompts: Tensor, elements: int | Tensor | None = None) -> Tensor:
+    """MSE between a VPG's prompts and the P-Former's for the same captions (SPEC.md section 7):
+    the squared error summed, over `elements` (by default the prompts' own count; data-parallel
+    shards pass the global count, so that the shards' losses add up to the whole batch's)."""
+    squared = F.mse_loss(vpg_prompts.float(), pformer_prompts.float(), reduction="sum")
+    return squared / (vpg_prompts.numel() if elements is None else elements)
+
+
+def caption_ids(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The P-Former's input: the captions' token ids without special tokens, padded on the right."""
+    encoded = tokenizer(captions, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def load(directory: str | Path) -> tuple[PFormer, object]:
+    """A trained P-Former and its tokenizer, from `python -m vlfast.pformer train`'s output
+    directory or its `pformer` subdirectory; frozen, in eval mode."""
+    directory = Path(directory)
+    if (directory / MODEL_DIR).is_dir():
+        directory = directory / MODEL_DIR
+    pformer = PFormer.from_pretrained(directory)
+    return pformer.eval().requires_grad_(False), AutoTokenizer.from_pretrained(directory)
+

@@ -1,0 +1,221 @@
+"""Text-only training of a P-Former for a frozen LLM (SPEC.md section 7): each caption is read
+twice, each time with 25% of its tokens masked; the LLM must reconstruct the caption from the first
+view's prompts (LM loss), the two views' sentence embeddings must find each other among the batch
+(contrastive, temperature 0.07), and the prompts are pulled toward their nearest word embeddings.
+Checkpoints every N steps, at every epoch end and on SIGINT / SIGTERM; `--resume` continues."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from vlfast.data.collate import CaptionCollator
+from vlfast.data.shapes import ShapesDataset
+from vlfast.models.vlm import prompted_lm_loss
+from vlfast.pformer.model import (
+    MODEL_DIR,
+    PFormer,
+    PFormerConfig,
+    caption_ids,
+    contrastive_loss,
+    mask_tokens,
+    nearest_word_loss,
+)
+from vlfast.transfer import checkpoint
+from vlfast.transfer.config import DEFAULT
+from vlfast.transfer.experiment import load_llm
+from vlfast.transfer.loop import Interrupted, StopSignals, seed_for
+
+CONFIG_NAME, HISTORY = "config.yaml", "history.json"
+TERMS = ("reconstruction", "contrastive", "nearest_word")
+
+
+@dataclass
+class PFormerTrainConfig:
+    llm: str = DEFAULT  # a Hugging Face causal-LM directory (with its tokenizer), or the default target LM
+    text: str = "shapes"  # 'shapes' (the shapes captions) or a text file, one caption per line
+    output_dir: str = "runs/pformer"
+    num_prompts: int = 8  # K: the query tokens of the VPGs it will be aligned with
+    hidden_size: int = 128
+    num_layers: int = 2
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    mask_rate: float = 0.25
+    temperature: float = 0.07
+    contrastive_weight: float = 1.0
+    nearest_word_weight: float = 1.0
+    shapes_images: int = 1000  # with --text shapes: every phrasing of this many scenes' captions
+    val_fraction: float = 0.05  # captions held out for the validation reconstruction loss
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mask_rate": 0 <= self.mask_rate < 1, "val_fraction": 0 < self.val_fraction < 1,
+            **{name: getattr(self, name) > 0 for name in ("num_prompts", "hidden_size", "num_layers", "epochs",
+                                                           "batch_size", "lr", "temperature", "shapes_images",
+                                                           "checkpoint_every")},
+            **{name: getattr(self, name) >= 0 for name in ("contrastive_weight", "nearest_word_weight")},
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} is {getattr(self, name)!r}: out of range")
+
+
+def load_captions(text: str, shapes_images: int) -> list[str]:
+    if text == "shapes":
+        data = ShapesDataset("train", shapes_images)
+        return [caption for i in range(len(data)) for caption in data[i].captions]
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text {text}: neither 'shapes' nor a file")
+    captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(captions) < 2:
+        raise ValueError(f"--text {text}: {len(captions)} non-empty lines; at least 2 captions are needed")
+    return captions
+
+
+def losses(pformer: PFormer, llm, collate: CaptionCollator, captions: list[str], config: PFormerTrainConfig,
+           masked: bool = True) -> dict[str, torch.Tensor]:
+    """The three terms on a batch of captions (masked views while training)."""
+    ids, mask = caption_ids(collate.tokenizer, captions, pformer.config.max_length)
+    rate = config.mask_rate if masked else 0.0
+    views = [mask_tokens(ids, mask, rate, pformer.config.mask_id) for _ in range(2)]
+    sentence, prompts = pformer.encode(views[0], mask)
+    other, _ = pformer.encode(views[1], mask)
+    target = collate.tokenize(captions)
+    return {
+        "reconstruction": prompted_lm_loss(llm, prompts, target["input_ids"], target["attention_mask"],
+                                           target["labels"]),
+        "contrastive": contrastive_loss(sentence, other, config.temperature),
+        "nearest_word": nearest_word_loss(prompts, llm.get_input_embeddings().weight),
+    }
+
+
+def total(terms: dict[str, torch.Tensor], config: PFormerTrainConfig) -> torch.Tensor:
+    return (terms["reconstruction"] + config.contrastive_weight * terms["contrastive"]
+            + config.nearest_word_weight * terms["nearest_word"])
+
+
+@torch.no_grad()
+def validate(pformer: PFormer, llm, collate: CaptionCollator, captions: list[str], config: PFormerTrainConfig) -> dict:
+    """Each term's mean over the held-out captions, unmasked, dropout off."""
+    pformer.eval()
+    sums = dict.fromkeys(TERMS, 0.0)
+    for start in range(0, len(captions), config.batch_size):
+        batch = captions[start:start + config.batch_size]
+        for name, value in losses(pformer, llm, collate, batch, config, masked=False).items():
+            sums[name] += value.item() * len(batch)
+    pformer.train()
+    return {f"val_{name}": value / len(captions) for name, value in sums.items()}
+
+
+def config_to_run(given: dict, resume: bool) -> PFormerTrainConfig:
+    """The settings `given`, in an output directory that holds no other run; when resuming, the
+    run's saved settings, which those given now must agree with."""
+    config = PFormerTrainConfig(**given)
+    saved = Path(config.output_dir) / CONFIG_NAME
+    if not resume:
+        if saved.is_file():
+            raise FileExistsError(f"--output-dir {config.output_dir} holds another run ({CONFIG_NAME}); pass --resume "
+                                  f"to continue it, or choose another --output-dir")
+        return config
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume: {config.output_dir} holds no run to resume (no {CONFIG_NAME})")
+    before = yaml.safe_load(saved.read_text())
+    conflicts = {k: v for k, v in given.items() if before.get(k) != v}
+    if conflicts:
+        raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
+                         f"{saved}; resume with the same settings")
+    return PFormerTrainConfig(**before)
+
+
+def train(config: PFormerTrainConfig, resume: bool = False) -> list[dict]:
+    """Trains (or resumes: config from config_to_run) and writes <output_dir>/pformer (model and
+    tokenizer), history.json and curves.png; returns the history."""
+    llm, tokenizer = load_llm(config.llm, "llm", "target")  # inputs are checked before any training
+    captions = load_captions(config.text, config.shapes_images)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    held_out = max(1, int(len(captions) * config.val_fraction))
+    val = [captions[i] for i in order[:held_out]]
+    train_captions = [captions[i] for i in order[held_out:]]
+    torch.manual_seed(seed_for(config.seed, "pformer"))
+    pformer = PFormer(PFormerConfig(len(tokenizer), config.num_prompts, llm.get_input_embeddings().embedding_dim,
+                                    config.hidden_size, config.num_layers))
+    optimizer = torch.optim.AdamW(pformer.parameters(), lr=config.lr, weight_decay=0.01)
+    collate = CaptionCollator(tokenizer)
+    steps_per_epoch = math.ceil(len(train_captions) / config.batch_size)
+    progress = {"epoch": 0, "step": 0, "history": [], "wall_s": 0.0}
+    saved = checkpoint.load(out / "checkpoints") if resume else None
+    if saved is not None:
+        weights, progress = saved
+        pformer.load_state_dict(weights)
+        optimizer.load_state_dict(progress.pop("optimizer"))
+        checkpoint.set_rng_state(progress.pop("rng"))
+
+    def save() -> None:
+        state = {**progress, "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}
+        checkpoint.save(out / "checkpoints", pformer.state_dict(), state)
+
+    pformer.train()
+    with StopSignals() as signals:
+        while progress["epoch"] < config.epochs:
+            epoch = progress["epoch"]
+            batches = torch.randperm(len(train_captions), generator=torch.Generator().manual_seed(
+                seed_for(config.seed, "pformer", epoch))).split(config.batch_size)
+            bar = tqdm(total=steps_per_epoch, initial=progress["step"], leave=False,
+                       desc=f"P-Former epoch {epoch + 1}/{config.epochs}")
+            start = time.perf_counter()
+            for rows in batches[progress["step"]:]:
+                terms = losses(pformer, llm, collate, [train_captions[i] for i in rows.tolist()], config)
+                total(terms, config).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress["step"] += 1
+                bar.update(1)
+                bar.set_postfix({name[:5]: f"{value.item():.3f}" for name, value in terms.items()})
+                if signals.received or progress["step"] % config.checkpoint_every == 0:
+                    progress["wall_s"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save()
+                if signals.received:
+                    raise Interrupted(signals.received, "P-Former", out / "checkpoints")
+            bar.close()
+            progress["wall_s"] += time.perf_counter() - start
+            scores = validate(pformer, llm, collate, val, config)
+            progress["history"].append({"epoch": epoch + 1, "wall_s": round(progress["wall_s"], 3),
+                                        **{k: round(v, 5) for k, v in scores.items()}})
+            progress["epoch"], progress["step"] = epoch + 1, 0
+            save()
+    pformer.save_pretrained(out / MODEL_DIR)
+    tokenizer.save_pretrained(out / MODEL_DIR)
+    (out / HISTORY).write_text(json.dumps(progress["history"], indent=1))
+    _plot(progress["history"], out / "curves.png")
+    return progress["history"]
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TERMS), figsize=(4 * len(TERMS), 3))
+    for ax, name in zip(axes, TERMS, strict=True):
+        ax.plot([h["epoch"] for h in history], [h[f"val_{name}"] for h in history], marker="o")
+        ax.set_title(f"validation {name.replace('_', ' ')}", fontsize=9)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
