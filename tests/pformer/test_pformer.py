@@ -112,7 +112,7 @@ def test_bad_input(tiny_defaults, tmp_path, capsys):
     cases = {
         ("--text", str(tmp_path / "missing.txt")): "neither 'shapes' nor a file",
         ("--llm", str(tmp_path / "nowhere")): "--llm",
-        ("--mask-rate", "1.5"): "mask_rate",
+        ("--mask-rate", "1.5"): "mask_rate must be in [0, 1), got 1.5",
     }
     for options, message in cases.items():
         with pytest.raises(SystemExit) as stop:

@@ -58,16 +58,16 @@ class PFormerTrainConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        checks = {
-            "mask_rate": 0 <= self.mask_rate < 1, "val_fraction": 0 < self.val_fraction < 1,
-            **{name: getattr(self, name) > 0 for name in ("num_prompts", "hidden_size", "num_layers", "epochs",
-                                                           "batch_size", "lr", "temperature", "shapes_images",
-                                                           "checkpoint_every")},
-            **{name: getattr(self, name) >= 0 for name in ("contrastive_weight", "nearest_word_weight")},
-        }
-        for name, ok in checks.items():
+        checks = {"mask_rate": (0 <= self.mask_rate < 1, "in [0, 1)"),
+                  "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)")}
+        checks |= {name: (getattr(self, name) > 0, "positive")
+                   for name in ("num_prompts", "hidden_size", "num_layers", "epochs", "batch_size", "lr",
+                                "temperature", "shapes_images", "checkpoint_every")}
+        checks |= {name: (getattr(self, name) >= 0, "0 or more") for name in ("contrastive_weight",
+                                                                               "nearest_word_weight")}
+        for name, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"{name} is {getattr(self, name)!r}: out of range")
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
 
 def load_captions(text: str, shapes_images: int) -> list[str]:
