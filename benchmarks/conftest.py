@@ -70,3 +70,11 @@ def pytest_sessionfinish(session):
             f"(vlfast.costmodel), never measured.\n")
     body = "## CPU times (measured)\n\n" + cpu_times(bench_session.benchmarks)
     (results.RESULTS / "summary.md").write_text("\n\n".join([head, body, *results.SECTIONS.values()]))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """results/benchmark.json keeps each benchmark's statistics but not its every round (a
+    megabyte of samples per run); a path given with --benchmark-json gets everything."""
+    if config.getoption("benchmark_json") == results.RESULTS / "benchmark.json":
+        for bench in output_json["benchmarks"]:
+            bench["stats"].pop("data", None)

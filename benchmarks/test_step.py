@@ -27,7 +27,9 @@ from vlfast.models import VPG, VisionLanguageModel
 from vlfast.models.vision import FeatureCache
 
 BATCH, TEXT_TOKENS, IMAGE_SIZE, PATCH = 8, 24, 112, 14
-GROUP = f"training step (forward + backward + AdamW), CPU, float32, batch {BATCH}"
+GROUP = "training step (forward + backward + AdamW), {device}, float32, batch " + str(BATCH)
+NO_GPU = "no CUDA device here: GPU times are projected (vlfast.costmodel, test_gpu_hours.py), never measured"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
 CONFIG = Blip2Config(
     vision_config=Blip2VisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=10,
                                     num_attention_heads=6, image_size=IMAGE_SIZE, patch_size=PATCH,
@@ -57,15 +59,16 @@ def scaled_and_full_shares() -> dict[str, dict[str, float]]:
 class HFStep:
     """BLIP-2 in transformers: image placeholder tokens in input_ids, the tower run every step."""
 
-    def __init__(self, model: Blip2ForConditionalGeneration) -> None:
-        self.model = model
+    def __init__(self, model: Blip2ForConditionalGeneration, device: str) -> None:
+        self.model, self.batch = model.to(device), on(device, BATCH_DATA)
         model.vision_model.requires_grad_(False)
         model.language_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss(self, batch: dict) -> torch.Tensor:
-        queries = torch.full((BATCH, CONFIG.num_query_tokens), CONFIG.image_token_index)
-        input_ids = torch.cat([queries, batch["input_ids"]], dim=1)
+        text = batch["input_ids"]
+        queries = torch.full((BATCH, CONFIG.num_query_tokens), CONFIG.image_token_index, device=text.device)
+        input_ids = torch.cat([queries, text], dim=1)
         labels = torch.cat([torch.full_like(queries, IGNORE_INDEX), batch["labels"]], dim=1)
         return self.model(pixel_values=batch["pixel_values"], input_ids=input_ids, labels=labels).loss
 
@@ -73,25 +76,26 @@ class HFStep:
 class VlfastStep:
     """vlfast's VisionLanguageModel on the same weights; `cache` reads the features from disk."""
 
-    def __init__(self, hf: Blip2ForConditionalGeneration, connector: str, cache: FeatureCache | None) -> None:
+    def __init__(self, hf: Blip2ForConditionalGeneration, connector: str, device: str) -> None:
         hf = copy.deepcopy(hf)  # the memory connector patches the LLM: no variant may share it
         vpg = VPG.from_hf(hf)
         tower = hf.vision_model
         tower.post_layernorm = nn.Identity()  # the VPG's ln_vision is BLIP-2's post-layernorm
         vpg.ln_vision.requires_grad_(False)  # frozen in BLIP-2 too, as part of the vision model
-        self.model = VisionLanguageModel(tower, vpg, hf.language_model, connector=connector)
-        self.cache = cache
+        self.model = VisionLanguageModel(tower, vpg, hf.language_model, connector=connector).to(device)
+        self.batch, self.cache = on(device, BATCH_DATA), None
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss(self, batch: dict) -> torch.Tensor:
         text = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.cache is None:
             return self.model(**text, pixel_values=batch["pixel_values"])
-        return self.model(**text, image_features=self.cache.features(batch["keys"], batch["pixel_values"]))
+        features = self.cache.features(batch["keys"], batch["pixel_values"].cpu())  # the cache lives on the host
+        return self.model(**text, image_features=features.to(batch["input_ids"].device))
 
 
 def train_step(step) -> float:
-    loss = step.loss(BATCH_DATA)
+    loss = step.loss(step.batch)
     loss.backward()
     step.optimizer.step()
     step.optimizer.zero_grad(set_to_none=True)
@@ -109,22 +113,28 @@ def make_batch() -> dict:
 BATCH_DATA = make_batch()
 
 
-@pytest.fixture(scope="module")
-def steps(tmp_path_factory) -> dict:
+def on(device: str, batch: dict) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def steps(request, tmp_path_factory) -> dict:
+    device = request.param
     torch.manual_seed(0)
     hf = Blip2ForConditionalGeneration(CONFIG)
     # Each step gets its own copy: a step changes the trainable weights.
     cache_root = tmp_path_factory.mktemp("features")
 
     def vlfast(connector: str, cached: bool) -> VlfastStep:
-        step = VlfastStep(hf, connector, None)
+        step = VlfastStep(hf, connector, device)
         if cached:
             step.cache = FeatureCache(cache_root, step.model.vision_tower, {"size": IMAGE_SIZE})
             step.cache.features(BATCH_DATA["keys"], BATCH_DATA["pixel_values"])  # filled before timing
         return step
 
     return {
-        "hf-blip2": HFStep(copy.deepcopy(hf)),
+        "device": device,
+        "hf-blip2": HFStep(copy.deepcopy(hf), device),
         "vlfast": vlfast("input", cached=False),
         "vlfast + feature cache": vlfast("input", cached=True),
         "vlfast + feature cache + memory prompts": vlfast("memory", cached=True),
@@ -137,7 +147,7 @@ def test_same_loss(steps):
     for name in ("hf-blip2", "vlfast", "vlfast + feature cache"):
         model = steps[name].model.eval()
         with torch.no_grad():
-            losses[name] = steps[name].loss(BATCH_DATA).item()
+            losses[name] = steps[name].loss(steps[name].batch).item()
         model.train()
     assert abs(losses["vlfast"] - losses["hf-blip2"]) < 1e-5 * losses["hf-blip2"], losses
     # The cache stores fp16 features.
@@ -147,13 +157,14 @@ def test_same_loss(steps):
 @pytest.mark.parametrize("name", ["hf-blip2", "vlfast", "vlfast + feature cache",
                                   "vlfast + feature cache + memory prompts"])
 def test_training_step(benchmark, steps, name):
-    benchmark.group = GROUP
+    benchmark.group = GROUP.format(device=steps["device"].upper())
     shares = scaled_and_full_shares()
     benchmark.extra_info["flop_shares"] = shares
     table = markdown_table(["component", *shares], [[c, *(f"{s[c]:.0%}" for s in shares.values())]
                                                    for c in shares["this benchmark"]])
     save_markdown("step", "Training step: vlfast against Hugging Face BLIP-2 (measured, CPU)",
-                  f"Same weights and trainable parameters; times in the CPU table above ({GROUP}). Share of a "
-                  f"training sample's FLOPs per component (vlfast.costmodel), here and at full size:\n\n{table}")
+                  f"Same weights and trainable parameters; times in the table above "
+                  f"({GROUP.format(device='CPU')}). Share of a training sample's FLOPs per component "
+                  f"(vlfast.costmodel), here and at full size:\n\n{table}")
     loss = benchmark.pedantic(train_step, args=(steps[name],), rounds=10, iterations=1, warmup_rounds=2)
     assert torch.isfinite(torch.tensor(loss))
