@@ -104,6 +104,7 @@ def projection(dtype: torch.dtype, queries: int = QUERIES) -> list[dict]:
             "dtype": str(dtype).removeprefix("torch."),
             "shape": f"B={TRAIN_BATCH} H={HEADS} Lq={queries} Lk={IMAGE_TOKENS} D={HEAD_DIM}",
             "floor_bytes": floor.bytes, "fused_bytes": fused.bytes, "eager_bytes": eager_bytes,
+            "floor_flops": floor.flops, "fused_flops": fused.flops, "eager_flops": sum(c.flops for c in eager),
             "floor_us": floor.seconds(H100) * 1e6,
             "fused_us": fused.seconds(H100) * 1e6,
             "eager_us": chain_seconds(eager, H100) * 1e6,

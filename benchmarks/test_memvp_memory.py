@@ -83,7 +83,8 @@ def projection() -> dict:
         "floor_bytes": floor.bytes, "floor_flops": floor.flops, "floor_us": floor.seconds(H100) * 1e6,
         "fused_dram_bytes": fused.bytes, "fused_l2_bytes": l2_bytes, "fused_flops": fused.flops,
         "fused_us": fused.seconds(H100) * 1e6,
-        "eager_bytes": sum(c.bytes for c in eager), "eager_us": chain_seconds(eager, H100) * 1e6,
+        "eager_bytes": sum(c.bytes for c in eager), "eager_flops": sum(c.flops for c in eager),
+        "eager_us": chain_seconds(eager, H100) * 1e6,
         "fused_vs_floor": fused.seconds(H100) / floor.seconds(H100),
         "eager_vs_floor": chain_seconds(eager, H100) / floor.seconds(H100),
         "llm_gflops_per_sample": {

@@ -79,6 +79,7 @@ def projection() -> dict:
     return {
         "shape": "B x L = 16384 tokens, D=4096 R=8 E=2 bf16 (forward)",
         "floor_bytes": floor.bytes, "fused_bytes": fused.bytes, "eager_bytes": sum(c.bytes for c in eager),
+        "floor_flops": floor.flops, "fused_flops": fused.flops, "eager_flops": sum(c.flops for c in eager),
         "floor_us": floor.seconds(H100) * 1e6, "fused_us": fused.seconds(H100) * 1e6,
         "eager_us": chain_seconds(eager, H100) * 1e6,
         "fused_vs_floor": fused.seconds(H100) / floor.seconds(H100),
