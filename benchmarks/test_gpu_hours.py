@@ -20,6 +20,7 @@ from vlfast.transfer.__main__ import main as transfer_main
 
 # 2 CPU cores: about two minutes of training (the default budget is 1000 images x 6 epochs).
 BUDGET = {"train_images": 600, "val_images": 200, "epochs": 5, "source_epochs": 8}
+BUDGET_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in BUDGET.items()]
 
 
 def hours_to_target(run: dict) -> float:
@@ -36,8 +37,7 @@ def measured_row(name: str, run: dict) -> list:
 def test_measured_small_scale(benchmark, tmp_path):
     """Labelled measurement: one run, its hours are this CPU's process-hours of training."""
     benchmark.group = "python -m vlfast.transfer, reduced budget, CPU"
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in BUDGET.items()]
-    report = benchmark.pedantic(transfer_main, args=(options + ["--output-dir", str(tmp_path / "run")],),
+    report = benchmark.pedantic(transfer_main, args=(BUDGET_OPTIONS + ["--output-dir", str(tmp_path / "run")],),
                                 rounds=1, iterations=1)
     runs = report["runs"]
     scratch, transfer = runs["scratch"], runs["transfer"]
@@ -53,7 +53,7 @@ def test_measured_small_scale(benchmark, tmp_path):
     shutil.copy(tmp_path / "run" / "curves.png", results.RESULTS / "gpu_hours_measured_curves.png")
     rows = [measured_row(name, runs[name]) for name in ("scratch", "transfer")]
     speedup = report["speedup_wall"]
-    text = (f"Measured: `python -m vlfast.transfer {' '.join(options)}` ({report['processes']} process, CPU). "
+    text = (f"Measured: `python -m vlfast.transfer {' '.join(BUDGET_OPTIONS)}` ({report['processes']} process, CPU). "
             f"Target: the scratch run's best {report['target_metric']}.\n\n"
             + markdown_table(["run", "best", "epochs to target", "compute-hours to target", "compute-hours, whole run"],
                              rows)

@@ -10,7 +10,7 @@ first's source VPG, so all transfer the same one), and once more with a hundredt
 from __future__ import annotations
 
 from benchmarks.results import markdown_table, save_bar_chart, save_json, save_markdown
-from benchmarks.test_gpu_hours import BUDGET
+from benchmarks.test_gpu_hours import BUDGET, BUDGET_OPTIONS
 from vlfast.pformer.__main__ import main as pformer_main
 from vlfast.transfer.__main__ import main as transfer_main
 from vlfast.transfer.report import epochs_to_reach
@@ -22,13 +22,12 @@ WEIGHTS = {"without alignment": None, "alignment 10 / 100": (10, 100), "alignmen
 
 def experiment(tmp_path) -> dict:
     pformer_history = pformer_main(["train", "--output-dir", str(tmp_path / "pformer")])
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in BUDGET.items()]
     reports = {"pformer": pformer_history}
     for i, (name, weights) in enumerate(WEIGHTS.items()):
         extra = [] if weights is None else [
             "--source-vpg", str(tmp_path / "run0" / "source" / "vpg"), "--pformer", str(tmp_path / "pformer"),
             f"--pformer-weight-stage1={weights[0]}", f"--pformer-weight-stage2={weights[1]}"]
-        reports[name] = transfer_main([*options, *extra, "--output-dir", str(tmp_path / f"run{i}")])
+        reports[name] = transfer_main([*BUDGET_OPTIONS, *extra, "--output-dir", str(tmp_path / f"run{i}")])
     return reports
 
 

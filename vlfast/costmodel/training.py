@@ -81,21 +81,25 @@ class Stack:
 
     def forward_flops(self, tokens: int, memory_rows: int = 0) -> float:
         """Products of a forward over `tokens` tokens: projections and FFN, attention scores and
-        mixing (halved when causal: kernels skip the masked half), the LM head on every position,
-        and MemVP's two tokens x memory_rows x hidden products per layer."""
+        mixing, the LM head on every position, and MemVP's products."""
         h = self.hidden
         projections = 2.0 * tokens * self.layers * (4 * h * h + self.ffn_matrices * h * self.ffn)
-        attention = 4.0 * tokens * tokens * h * self.layers * (0.5 if self.causal else 1.0)
-        memvp = 4.0 * tokens * memory_rows * h * self.layers
-        return projections + attention + memvp + 2.0 * tokens * h * self.vocab
+        return (projections + self._attention_flops(tokens) + self._memvp_flops(tokens, memory_rows)
+                + 2.0 * tokens * h * self.vocab)
 
     def input_gradient_flops(self, tokens: int, memory_rows: int = 0) -> float:
         """The backward of a frozen stack: input gradients only. One product per forward product,
         two for attention (scores and mixing) and for MemVP (the memory's gradient as well)."""
-        h = self.hidden
-        attention = 4.0 * tokens * tokens * h * self.layers * (0.5 if self.causal else 1.0)
-        memvp = 4.0 * tokens * memory_rows * h * self.layers
-        return self.forward_flops(tokens, memory_rows) + attention + memvp
+        return (self.forward_flops(tokens, memory_rows) + self._attention_flops(tokens)
+                + self._memvp_flops(tokens, memory_rows))
+
+    def _attention_flops(self, tokens: int) -> float:
+        """Scores and mixing, halved when causal (kernels skip the masked half)."""
+        return 4.0 * tokens * tokens * self.hidden * self.layers * (0.5 if self.causal else 1.0)
+
+    def _memvp_flops(self, tokens: int, memory_rows: int) -> float:
+        """MemVP's two tokens x memory_rows x hidden products per layer."""
+        return 4.0 * tokens * memory_rows * self.hidden * self.layers
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,13 @@
 LLM's input width. What VPGTrans moves from one LLM to another."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vlfast.models.pretrained import read_pretrained, save_pretrained
 from vlfast.models.qformer import QFormer, QFormerConfig, hf_qformer_state_dict
 
 WEIGHTS_NAME = "model.safetensors"
@@ -72,22 +71,15 @@ class VPG(nn.Module):
         return vpg
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+        save_pretrained(self, directory, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VPG:
         """A VPG written by save_pretrained, or BLIP-2's from a Hugging Face BLIP-2 directory."""
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: neither a directory written by "
-                                        f"VPG.save_pretrained nor a Hugging Face BLIP-2 model")
-        values = json.loads((directory / CONFIG_NAME).read_text())
+        values, weights = read_pretrained(directory, CONFIG_NAME, WEIGHTS_NAME, "neither a directory written by "
+                                          "VPG.save_pretrained nor a Hugging Face BLIP-2 model")
         if values.get("model_type") == "blip-2":
             return cls.from_hf(directory)
         vpg = cls(VPGConfig.from_dict(values))
-        vpg.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        vpg.load_state_dict(weights)
         return vpg

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlfast.pformer.train import PFormerTrainConfig, config_to_run, train
-from vlfast.transfer.config import add_fields
+from vlfast.pformer.train import PFormerTrainConfig, train
+from vlfast.settings import add_fields, config_to_run
 from vlfast.transfer.loop import Interrupted
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resume = arguments.pop("resume")
     arguments.pop("command")
     try:
-        config = config_to_run({k: v for k, v in arguments.items() if v is not None}, resume)
+        config = config_to_run(PFormerTrainConfig, {k: v for k, v in arguments.items() if v is not None}, resume)
         history = train(config, resume)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"vlfast.pformer: error: {error}")

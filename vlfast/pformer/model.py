@@ -3,15 +3,15 @@ prompt vectors in a frozen LLM's input space, trained on text alone; and the thr
 loss. It reads the LLM tokenizer's ids, plus two ids of its own: [CLS] and [MASK]."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BertConfig, BertModel
+
+from vlfast.models.pretrained import read_pretrained, save_pretrained
 
 CONFIG_NAME, WEIGHTS_NAME = "pformer.json", "model.safetensors"
 MODEL_DIR = "pformer"  # the model and its tokenizer, in the output directory of `python -m vlfast.pformer train`
@@ -69,20 +69,14 @@ class PFormer(nn.Module):
         return self.encode(input_ids, attention_mask)[1]
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+        save_pretrained(self, directory, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PFormer:
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: not a P-Former written by "
-                                        f"python -m vlfast.pformer train")
-        model = cls(PFormerConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        values, weights = read_pretrained(directory, CONFIG_NAME, WEIGHTS_NAME,
+                                          "not a P-Former written by python -m vlfast.pformer train")
+        model = cls(PFormerConfig(**values))
+        model.load_state_dict(weights)
         return model
 
 

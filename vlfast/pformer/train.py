@@ -5,7 +5,6 @@ view's prompts (LM loss), the two views' sentence embeddings must find each othe
 Checkpoints every N steps, at every epoch end and on SIGINT / SIGTERM; `--resume` continues."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from vlfast.data.collate import CaptionCollator
@@ -28,12 +26,13 @@ from vlfast.pformer.model import (
     mask_tokens,
     nearest_word_loss,
 )
+from vlfast.settings import save_config
 from vlfast.transfer import checkpoint
 from vlfast.transfer.config import DEFAULT
 from vlfast.transfer.experiment import load_llm
 from vlfast.transfer.loop import Interrupted, StopSignals, seed_for
 
-CONFIG_NAME, HISTORY = "config.yaml", "history.json"
+HISTORY = "history.json"
 TERMS = ("reconstruction", "contrastive", "nearest_word")
 
 
@@ -118,34 +117,14 @@ def validate(pformer: PFormer, llm, collate: CaptionCollator, captions: list[str
     return {f"val_{name}": value / len(captions) for name, value in sums.items()}
 
 
-def config_to_run(given: dict, resume: bool) -> PFormerTrainConfig:
-    """The settings `given`, in an output directory that holds no other run; when resuming, the
-    run's saved settings, which those given now must agree with."""
-    config = PFormerTrainConfig(**given)
-    saved = Path(config.output_dir) / CONFIG_NAME
-    if not resume:
-        if saved.is_file():
-            raise FileExistsError(f"--output-dir {config.output_dir} holds another run ({CONFIG_NAME}); pass --resume "
-                                  f"to continue it, or choose another --output-dir")
-        return config
-    if not saved.is_file():
-        raise FileNotFoundError(f"--resume: {config.output_dir} holds no run to resume (no {CONFIG_NAME})")
-    before = yaml.safe_load(saved.read_text())
-    conflicts = {k: v for k, v in given.items() if before.get(k) != v}
-    if conflicts:
-        raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
-                         f"{saved}; resume with the same settings")
-    return PFormerTrainConfig(**before)
-
-
 def train(config: PFormerTrainConfig, resume: bool = False) -> list[dict]:
-    """Trains (or resumes: config from config_to_run) and writes <output_dir>/pformer (model and
+    """Trains (or resumes: config from vlfast.settings.config_to_run) and writes <output_dir>/pformer (model and
     tokenizer), history.json and curves.png; returns the history."""
     llm, tokenizer = load_llm(config.llm, "llm", "target")  # inputs are checked before any training
     captions = load_captions(config.text, config.shapes_images)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    save_config(config, out)
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed)).tolist()
     held_out = max(1, int(len(captions) * config.val_fraction))
     val = [captions[i] for i in order[:held_out]]

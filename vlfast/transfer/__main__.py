@@ -8,15 +8,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vlfast.settings import config_to_run, save_config
 from vlfast.transfer import distributed, experiment, loop
-from vlfast.transfer.config import given_values, parser
+from vlfast.transfer.config import TransferConfig, given_values, parser
 from vlfast.transfer.report import table
 
 
 def main(argv: list[str] | None = None) -> dict:
     arguments = parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
-        config = experiment.config_to_run(given_values(arguments), arguments.resume)
+        config = config_to_run(TransferConfig, given_values(arguments), arguments.resume, machine=("device",))
         out = Path(config.output_dir)
         processes = distributed.start(config.device)
         parts = experiment.prepare(config)
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if processes.main:
             out.mkdir(parents=True, exist_ok=True)
-            config.save(out)
+            save_config(config, out)
         with loop.StopSignals() as signals:
             summary = experiment.run(config, parts, processes, signals)
     except loop.Interrupted as interruption:

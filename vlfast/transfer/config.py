@@ -1,17 +1,15 @@
 """Every setting of `python -m vlfast.transfer`, with its default, in one dataclass. The command line
-and YAML `--config` files are generated from it; the resolved values are written to the run
-directory as `config.yaml`."""
+and YAML `--config` files are generated from it (vlfast.settings); the resolved values are written
+to the run directory as `config.yaml`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
+from vlfast.settings import add_fields, read_yaml
 
 DEFAULT = "default"  # the embedded default part (vlfast.defaults)
-CONFIG_NAME = "config.yaml"
 METRICS = {"val_loss": "min", "cider": "max", "qa_accuracy": "max"}  # name -> which way is better
 PRESETS = {  # smoke: a seconds-long run for tests
     "smoke": dict(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16, converter_epochs=1,
@@ -72,42 +70,8 @@ class TransferConfig:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
-    def save(self, directory: Path) -> None:
-        (directory / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
-
 
 FIELDS = {f.name: f for f in dataclasses.fields(TransferConfig)}
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Settings from a YAML file; an unknown key is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
-    return values
-
-
-def _parse_type(annotation: str):
-    return {"int": int, "float": float, "str": str, "str | None": str}[annotation]
-
-
-def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field of the dataclass `cls`, its default shown but left unset (None), so that
-    the values given can be told apart from the defaults."""
-    defaults = cls()
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"default: {getattr(defaults, field.name)}"
-        if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=_parse_type(str(field.type)), default=None, help=help_text)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -127,10 +91,6 @@ def given_values(args: argparse.Namespace) -> dict:
     line's (each overriding the one before). TransferConfig(**given_values(args)) is the config."""
     values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.config:
-        values |= read_yaml(args.config)
+        values |= read_yaml(args.config, TransferConfig)
     return values | {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
 
-
-def saved_config(directory: Path) -> TransferConfig | None:
-    path = directory / CONFIG_NAME
-    return TransferConfig(**read_yaml(path)) if path.is_file() else None

@@ -22,7 +22,7 @@ from vlfast.models.vlm import check_tokenizer
 from vlfast.pformer.model import PFormer
 from vlfast.pformer.model import load as load_pformer
 from vlfast.transfer import loop, report
-from vlfast.transfer.config import CONFIG_NAME, DEFAULT, TransferConfig, saved_config
+from vlfast.transfer.config import DEFAULT, TransferConfig
 from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, token_pairs, train_word_converter
 from vlfast.transfer.data import Split, load_splits
 from vlfast.transfer.distributed import Processes
@@ -39,27 +39,6 @@ class Parts:
     target_tokenizer: object
     source_vpg: VPG | None  # given by --source-vpg; None: trained here
     pformer: PFormer | None = None  # given by --pformer: reference prompts for the target LLM
-
-
-def config_to_run(given: dict, resume: bool) -> TransferConfig:
-    """The settings `given` (config.given_values), in an output directory that holds no other run;
-    when resuming, the run's saved settings, which those given now must agree with (the device
-    aside)."""
-    config = TransferConfig(**given)
-    directory = Path(config.output_dir)
-    saved = saved_config(directory)
-    if not resume:
-        if saved is not None:
-            raise FileExistsError(f"--output-dir {directory} holds another run ({CONFIG_NAME}); pass --resume to "
-                                  f"continue it, or choose another --output-dir")
-        return config
-    if saved is None:
-        raise FileNotFoundError(f"--resume: {directory} holds no run to resume (no {CONFIG_NAME})")
-    conflicts = {k: v for k, v in given.items() if k not in ("device", "output_dir") and getattr(saved, k) != v}
-    if conflicts:
-        raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
-                         f"{directory / CONFIG_NAME}; resume with the same settings")
-    return dataclasses.replace(saved, device=config.device)
 
 
 def _directory(option: str, value: str, path: str | None = None) -> Path:

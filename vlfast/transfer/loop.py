@@ -224,13 +224,13 @@ def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: P
     with autocast:
         lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
                               num_items_in_batch=tokens, return_prompts=True)
-    align = prompts.sum() * 0  # keeps every prompt in the graph, as DDP wants, when there is nothing to align
-    if align_weight > 0 and caption_count > 0:
+    align = torch.zeros((), device=processes.device)
+    if align_weight > 0 and captions:
         ids, mask = caption_ids(context.collate.tokenizer, [examples[i].target for i in captions],
                                 context.pformer.config.max_length)
         with torch.no_grad():
             reference = context.pformer(ids.to(processes.device), mask.to(processes.device))
-        align = align + alignment_loss(prompts[captions], reference, caption_count * reference[0].numel())
+        align = alignment_loss(prompts[captions], reference, caption_count * reference[0].numel())
     ((lm + align_weight * align) * processes.world).backward()
     return lm.item(), align.item()
 
