@@ -82,7 +82,7 @@ class VlfastStep:
         tower = hf.vision_model
         tower.post_layernorm = nn.Identity()  # the VPG's ln_vision is BLIP-2's post-layernorm
         vpg.ln_vision.requires_grad_(False)  # frozen in BLIP-2 too, as part of the vision model
-        self.model = VisionLanguageModel(tower, vpg, hf.language_model, connector=connector).to(device)
+        self.model = VisionLanguageModel(tower, vpg, hf.language_model, connector=connector).to(device).train()
         self.batch, self.cache = on(device, BATCH_DATA), None
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -1,11 +1,12 @@
-"""VPG against Hugging Face's BLIP-2 (tiny, random weights) and its safetensors round trip."""
+"""VPG against Hugging Face's BLIP-2 (tiny, random weights) and its safetensors round trip. No test calls
+`.eval()` on a loaded VPG: every loader returns one in eval mode."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-from vlfast.models import VPG
+from vlfast.models import VPG, QFormer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def hf_prompts(model, features):
 
 
 def test_matches_blip2(blip2):
-    vpg = VPG.from_hf(blip2).eval()
+    vpg = VPG.from_hf(blip2)
     features = torch.randn(2, 5, 40)  # what the vision encoder gives before its post-layernorm
     with torch.no_grad():
         expected, got = hf_prompts(blip2, features), vpg(features)
@@ -41,14 +42,15 @@ def test_matches_blip2(blip2):
 
 def test_from_hf_directory_and_round_trip(blip2, tmp_path):
     blip2.save_pretrained(tmp_path / "blip2")
-    vpg = VPG.from_hf(tmp_path / "blip2").eval()
+    vpg = VPG.from_hf(tmp_path / "blip2")
     vpg.save_pretrained(tmp_path / "vpg")
-    again = VPG.from_pretrained(tmp_path / "vpg").eval()
+    again = VPG.from_pretrained(tmp_path / "vpg")
     features = torch.randn(3, 5, 40)
     with torch.no_grad():
         torch.testing.assert_close(again(features), vpg(features), rtol=0, atol=0)
     assert again.config == vpg.config
-    blip2_again = VPG.from_pretrained(tmp_path / "blip2").eval()  # a BLIP-2 directory is recognised
+    assert not any(module.training for loaded in (vpg, again) for module in loaded.modules())
+    blip2_again = VPG.from_pretrained(tmp_path / "blip2")  # a BLIP-2 directory is recognised
     with torch.no_grad():
         torch.testing.assert_close(blip2_again(features), vpg(features), rtol=0, atol=0)
 
@@ -56,3 +58,24 @@ def test_from_hf_directory_and_round_trip(blip2, tmp_path):
 def test_from_pretrained_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         VPG.from_pretrained(tmp_path)
+
+
+def test_path_neither_file_nor_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-vpg: no such file or directory"):
+        VPG.from_pretrained(tmp_path / "no-vpg")
+
+
+def test_loaded_in_eval_mode(blip2):
+    """Hidden dropout is 0.1 in the tiny BLIP-2: a module left in training mode gives two different outputs."""
+    assert blip2.config.qformer_config.hidden_dropout_prob == 0.1
+    features = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        queries, images = torch.randn(2, 5, 48), blip2.vision_model.post_layernorm(features)
+        for ours, inputs, expected in [
+            (VPG.from_hf(blip2), (features,), hf_prompts(blip2, features)),
+            (QFormer.from_hf(blip2), (queries, images),
+             blip2.qformer(query_embeds=queries, encoder_hidden_states=images).last_hidden_state),
+        ]:
+            first = ours(*inputs)
+            torch.testing.assert_close(ours(*inputs), first, rtol=0, atol=0)
+            assert ((first - expected).norm() / expected.norm()).item() < 1e-5

@@ -121,12 +121,13 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_hf(cls, model) -> QFormer:
-        """From a Hugging Face `Blip2QFormerModel` or `Blip2ForConditionalGeneration` (its `qformer`)."""
+        """From a Hugging Face `Blip2QFormerModel` or `Blip2ForConditionalGeneration` (its `qformer`), in eval
+        mode as transformers' `from_pretrained` gives it: call `.train()` to train."""
         qformer = getattr(model, "qformer", model)
         config = QFormerConfig.from_hf(qformer.config)
         ours = cls(config)
         ours.load_state_dict(hf_qformer_state_dict(qformer.state_dict(), config))
-        return ours.to(next(qformer.parameters()).dtype)
+        return ours.to(next(qformer.parameters()).dtype).eval()
 
 
 def hf_qformer_state_dict(hf: dict[str, Tensor], config: QFormerConfig) -> dict[str, Tensor]:

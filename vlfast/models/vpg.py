@@ -1,5 +1,7 @@
 """The visual prompt generator: ln_vision -> Q-Former over learned query tokens -> projector to an
-LLM's input width. What VPGTrans moves from one LLM to another."""
+LLM's input width. What VPGTrans moves from one LLM to another.
+
+Every loader returns the VPG in eval mode, as transformers' `from_pretrained` does: call `.train()` to train."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,18 +70,41 @@ class VPG(nn.Module):
             "projector.weight": model.language_projection.weight, "projector.bias": model.language_projection.bias,
         })
         vpg.load_state_dict(state)
-        return vpg
+        return vpg.eval()
+
+    @classmethod
+    def from_lavis(cls, path: str | Path, *, vision_layer_norm_eps: float = 1e-5) -> VPG:
+        """The VPG of a LAVIS checkpoint (`.pth`): BLIP-2 stage 2 (`blip2_pretrained_opt2.7b.pth`, `_opt6.7b`,
+        `_flant5xl`, `_flant5xxl`), InstructBLIP (`instruct_blip_vicuna7b_trimmed.pth`) or VPGTrans's VL-LLaMA /
+        VL-Vicuna, its config inferred from the weight shapes (see vlfast.models.lavis).
+
+        `vision_layer_norm_eps`: LAVIS's ln_vision is a torch LayerNorm with the default 1e-5; Hugging Face's
+        converted BLIP-2 uses 1e-6 for the same weights. InstructBLIP's Q-Former also reads the instruction
+        text, which this query-only VPG does not, so its prompts differ from InstructBLIP's own."""
+        from vlfast.models.lavis import read_lavis_vpg  # lavis.py builds on this module's VPGConfig
+
+        config, state = read_lavis_vpg(path, vision_layer_norm_eps)
+        vpg = cls(config)
+        vpg.load_state_dict(state)
+        return vpg.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         save_pretrained(self, directory, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> VPG:
-        """A VPG written by save_pretrained, or BLIP-2's from a Hugging Face BLIP-2 directory."""
-        values, weights = read_pretrained(directory, CONFIG_NAME, WEIGHTS_NAME, "neither a directory written by "
+    def from_pretrained(cls, path: str | Path) -> VPG:
+        """A VPG from a directory written by save_pretrained, a Hugging Face BLIP-2 directory, or a
+        LAVIS checkpoint file (see from_lavis)."""
+        path = Path(path)
+        if path.is_file():
+            return cls.from_lavis(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such file or directory; a VPG is read from a directory written by "
+                                    f"VPG.save_pretrained, a Hugging Face BLIP-2 directory or a LAVIS .pth checkpoint")
+        values, weights = read_pretrained(path, CONFIG_NAME, WEIGHTS_NAME, "neither a directory written by "
                                           "VPG.save_pretrained nor a Hugging Face BLIP-2 model")
         if values.get("model_type") == "blip-2":
-            return cls.from_hf(directory)
+            return cls.from_hf(path)
         vpg = cls(VPGConfig.from_dict(values))
         vpg.load_state_dict(weights)
-        return vpg
+        return vpg.eval()
