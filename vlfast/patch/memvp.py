@@ -8,30 +8,22 @@
 Every layer gets `out = h + FFN(norm(h)) + scale * memvp_memory(norm(h), z, key_pos, value_pos)`,
 with z the prompts zero-padded to M rows (all zeros when none are set) and key_pos ~ N(0, 0.02),
 value_pos = 0 learned once per model and shared by all layers (SPEC.md section 4). The branch is
-attached with forward hooks, so the LLM's modules and weights are never replaced: on Llama the hook
-sits on `mlp` (whose input is the FFN-normed hidden state), on OPT a pre-hook on `fc1` reads the
-normed input and a hook on `fc2` adds the branch (inside OPT's residual dropout).
+attached with forward hooks, so the LLM's modules and weights are never replaced: a pre-hook on each
+layer's FFN-input module reads the FFN input and a hook adds the branch to the FFN-output module's
+output (the sites per family are in vlfast.patch.families).
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from vlfast.ops import memvp_memory
-
-MEMORY_ATTRIBUTE = "vlfast_memvp"
-
-
-@dataclass
-class _Patch:
-    handles: list[RemovableHandle] = field(default_factory=list)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
+from vlfast.patch.base import attach, detach, patch_module
+from vlfast.patch.families import family
 
 
 class VisualMemory(nn.Module):
@@ -45,7 +37,6 @@ class VisualMemory(nn.Module):
         self.scale = scale
         self.dropout_p = dropout_p
         self.prompts: Tensor | None = None  # (B, <= M, D); None means z = 0
-        self.patch = _Patch()  # the hooks and flags revert_memvp undoes (not part of the state dict)
 
     @property
     def num_tokens(self) -> int:
@@ -79,36 +70,16 @@ class VisualMemory(nn.Module):
         return out.reshape(x.shape)
 
 
-def _ffn_sites(model: nn.Module) -> tuple[list[tuple[nn.Module, nn.Module]], int]:
-    """(module whose input is the FFN-normed state, module whose output the branch is added to)
-    for every layer, and the hidden size."""
-    from transformers import LlamaForCausalLM, OPTForCausalLM
-
-    if isinstance(model, LlamaForCausalLM):
-        return [(layer.mlp, layer.mlp) for layer in model.model.layers], model.config.hidden_size
-    if isinstance(model, OPTForCausalLM):
-        layers = model.model.decoder.layers
-        return [(layer.fc1, layer.fc2) for layer in layers], model.config.hidden_size
-    raise TypeError(f"apply_memvp supports LlamaForCausalLM and OPTForCausalLM, got {type(model).__name__}")
-
-
 def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
                 dropout_p: float = 0.1) -> VisualMemory:
     """Give every layer of `model` the MemVP branch; freezes the LLM's own parameters. Returns the
     new trainable module (also at `model.vlfast_memvp`)."""
-    if hasattr(model, MEMORY_ATTRIBUTE):
-        raise ValueError("apply_memvp: this model already has MemVP; call revert_memvp first")
+    row = family(model)
     if num_memory_tokens < 1:
         raise ValueError(f"num_memory_tokens must be >= 1, got {num_memory_tokens}")
-    sites, hidden = _ffn_sites(model)
-    patch = _Patch(requires_grad={name: p.requires_grad for name, p in model.named_parameters()})
-    model.requires_grad_(False)
-    device = next(model.parameters()).device
-    memory = VisualMemory(num_memory_tokens, hidden, scale=scale, dropout_p=dropout_p, device=device)
-    memory.train(model.training)
-    memory.patch = patch
-    model.add_module(MEMORY_ATTRIBUTE, memory)
-    for reads, adds_to in sites:
+    memory, patch = attach(model, "memvp", lambda: VisualMemory(num_memory_tokens, model.config.hidden_size,
+                                                                scale=scale, dropout_p=dropout_p))
+    for reads, adds_to in zip(row.modules(model, row.ffn_input), row.modules(model, row.ffn_output), strict=True):
         captured: dict[str, Tensor] = {}
 
         def capture(module, args, captured=captured):
@@ -124,32 +95,17 @@ def apply_memvp(model: nn.Module, num_memory_tokens: int, *, scale: float = 0.1,
 
 def revert_memvp(model: nn.Module) -> None:
     """Remove the branch and its parameters; restore the LLM's requires_grad flags."""
-    memory = getattr(model, MEMORY_ATTRIBUTE, None)
-    if memory is None:
-        raise ValueError("revert_memvp: this model has no MemVP patch")
-    patch = memory.patch
-    for handle in patch.handles:
-        handle.remove()
-    delattr(model, MEMORY_ATTRIBUTE)
-    for name, param in model.named_parameters():
-        param.requires_grad_(patch.requires_grad[name])
-
-
-def _memory(model: nn.Module) -> VisualMemory:
-    memory = getattr(model, MEMORY_ATTRIBUTE, None)
-    if memory is None:
-        raise ValueError("this model has no MemVP branch: call vlfast.patch.apply_memvp first")
-    return memory
+    detach(model, "memvp")
 
 
 def set_visual_memory(model: nn.Module, prompts: Tensor | None) -> None:
     """Visual prompts (B, <= M, D) for the next forward passes; None clears them (z = 0)."""
-    _memory(model).set_prompts(prompts)
+    patch_module(model, "memvp").set_prompts(prompts)
 
 
 @contextlib.contextmanager
 def visual_memory(model: nn.Module, prompts: Tensor | None) -> Iterator[None]:
-    memory = _memory(model)
+    memory = patch_module(model, "memvp")
     previous = memory.prompts
     memory.set_prompts(prompts)
     try:

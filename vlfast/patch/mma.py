@@ -12,21 +12,20 @@ block-diagonally (`groups` blocks, each half of the output uses its half of the 
 groups = 2), zero-initialised so that the patched model starts equal to the original, and a router
 Linear(D, num_experts) per layer driven by a learned modality embedding (image or text) that the
 caller selects per sample (text when none is selected). Attached with a forward pre-hook on each
-layer's `self_attn`: the LLM's modules and weights are not replaced.
+layer's attention module (vlfast.patch.families): the LLM's modules and weights are not replaced.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from vlfast.ops import routed_adapter
+from vlfast.patch.base import attach, detach, patch_module, remove_hooks
+from vlfast.patch.families import Family, family
 
-MMA_ATTRIBUTE = "vlfast_mma"
 MODALITIES = ("image", "text")
 
 
@@ -67,13 +66,6 @@ class RouterAdapter(nn.Module):
         return eye + scale * mixed_up @ self.down.weight, scale * (mixed_up @ self.down.bias + mixed_bias)
 
 
-@dataclass
-class _Patch:
-    handles: list[RemovableHandle] = field(default_factory=list)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-    merged_originals: dict[str, Tensor | None] = field(default_factory=dict)  # q/k/v weights and biases
-
-
 class MixtureOfModalityAdapters(nn.Module):
     """All layers' adapters, the modality embeddings, and the modality of the current batch."""
 
@@ -85,7 +77,6 @@ class MixtureOfModalityAdapters(nn.Module):
         nn.init.normal_(self.modality_embedding.weight, std=0.02)
         self.temperature, self.scale, self.dropout_p = temperature, scale, dropout_p
         self.modality: Tensor | None = None  # (B,) indices into MODALITIES; None: text
-        self.patch = _Patch()
 
     def set_modality(self, modality: Sequence[str] | Tensor | None) -> None:
         if modality is None or isinstance(modality, Tensor):
@@ -111,30 +102,15 @@ class MixtureOfModalityAdapters(nn.Module):
                                     scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0)
 
 
-def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], int]:
-    from transformers import LlamaForCausalLM, OPTForCausalLM
-
-    if isinstance(model, LlamaForCausalLM):
-        return [layer.self_attn for layer in model.model.layers], model.config.hidden_size
-    if isinstance(model, OPTForCausalLM):
-        return [layer.self_attn for layer in model.model.decoder.layers], model.config.hidden_size
-    raise TypeError(f"apply_mma supports LlamaForCausalLM and OPTForCausalLM, got {type(model).__name__}")
-
-
 def apply_mma(model: nn.Module, *, rank: int = 8, groups: int = 2, num_experts: int = 2, temperature: float = 10.0,
               scale: float = 1.0, dropout_p: float = 0.1) -> MixtureOfModalityAdapters:
     """Add a routed adapter before attention in every layer; freeze the LLM. Returns the new
     trainable module (also at `model.vlfast_mma`)."""
-    if hasattr(model, MMA_ATTRIBUTE):
-        raise ValueError("apply_mma: this model already has MMA adapters; call revert_mma first")
-    attentions, hidden = _attention_modules(model)
-    patch = _Patch(requires_grad={name: p.requires_grad for name, p in model.named_parameters()})
-    model.requires_grad_(False)
-    mma = MixtureOfModalityAdapters(hidden, len(attentions), rank=rank, groups=groups, num_experts=num_experts,
-                                    temperature=temperature, scale=scale, dropout_p=dropout_p)
-    mma.to(next(model.parameters()).device).train(model.training)
-    mma.patch = patch
-    model.add_module(MMA_ATTRIBUTE, mma)
+    row = family(model)
+    attentions = row.modules(model, row.attention)
+    mma, patch = attach(model, "mma", lambda: MixtureOfModalityAdapters(
+        model.config.hidden_size, len(attentions), rank=rank, groups=groups, num_experts=num_experts,
+        temperature=temperature, scale=scale, dropout_p=dropout_p))
     for index, attention in enumerate(attentions):
         def adapt_input(module, args, kwargs, index=index):
             if args:
@@ -145,21 +121,14 @@ def apply_mma(model: nn.Module, *, rank: int = 8, groups: int = 2, num_experts: 
     return mma
 
 
-def _mma(model: nn.Module) -> MixtureOfModalityAdapters:
-    mma = getattr(model, MMA_ATTRIBUTE, None)
-    if mma is None:
-        raise ValueError("this model has no MMA adapters: call vlfast.patch.apply_mma first")
-    return mma
-
-
 def set_modality(model: nn.Module, modality: Sequence[str] | Tensor | None) -> None:
     """The modality of each sample of the next batches ('image' or 'text'); None: text."""
-    _mma(model).set_modality(modality)
+    patch_module(model, "mma").set_modality(modality)
 
 
 @contextlib.contextmanager
 def modality(model: nn.Module, modalities: Sequence[str] | Tensor | None) -> Iterator[None]:
-    mma = _mma(model)
+    mma = patch_module(model, "mma")
     previous = mma.modality
     mma.set_modality(modalities)
     try:
@@ -168,58 +137,52 @@ def modality(model: nn.Module, modalities: Sequence[str] | Tensor | None) -> Ite
         mma.modality = previous
 
 
-def _projections(attention: nn.Module) -> list[nn.Linear]:
-    return [attention.q_proj, attention.k_proj, attention.v_proj]
+def _projections(model: nn.Module, row: Family) -> Iterator[tuple[int, str, nn.Module]]:
+    """(layer, '<layer>.<name>', module) for every layer's attention input projections."""
+    for layer, attention in enumerate(row.modules(model, row.attention)):
+        for name in row.projections:
+            yield layer, f"{layer}.{name}", attention.get_submodule(name)
 
 
 @torch.no_grad()
 def merge_mma(model: nn.Module, modality_name: str) -> None:
-    """Fold every layer's adapter, for one modality, into its attention's q/k/v projections
-    (W <- W A, b <- W c + b for adapter(x) = x A^T + c) and remove the hooks: inference then costs
-    nothing extra. revert_mma still restores the original weights."""
-    mma = _mma(model)
+    """Fold every layer's adapter, for one modality, into its attention's input projections and remove
+    the hooks: inference then costs nothing extra. With adapter(x) = x A^T + c and a projection
+    y = x W + b (W stored [in, out]): W <- A^T W, b <- c W + b. revert_mma still restores the original weights."""
+    mma = patch_module(model, "mma")
     if modality_name not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality_name!r}")
     if mma.patch.merged_originals:
         raise ValueError("merge_mma: the adapters are already merged")
-    attentions, _ = _attention_modules(model)
+    row = family(model)
     router_input = mma.modality_embedding.weight[MODALITIES.index(modality_name)]
-    for handle in mma.patch.handles:
-        handle.remove()
-    mma.patch.handles.clear()
-    for layer, (adapter, attention) in enumerate(zip(mma.adapters, attentions, strict=True)):
-        affine, shift = adapter.as_affine(router_input, temperature=mma.temperature, scale=mma.scale)
-        for name, proj in zip(("q", "k", "v"), _projections(attention), strict=True):
-            key = f"{layer}.{name}"
-            mma.patch.merged_originals[key + ".weight"] = proj.weight.detach().clone()
-            mma.patch.merged_originals[key + ".bias"] = None if proj.bias is None else proj.bias.detach().clone()
-            weight = proj.weight.float()
-            bias = weight @ shift + (proj.bias.float() if proj.bias is not None else 0.0)
-            proj.weight.copy_((weight @ affine).to(proj.weight.dtype))
-            if proj.bias is None:
-                proj.bias = nn.Parameter(bias.to(proj.weight.dtype), requires_grad=False)
-            else:
-                proj.bias.copy_(bias.to(proj.bias.dtype))
+    affines = [adapter.as_affine(router_input, temperature=mma.temperature, scale=mma.scale)
+               for adapter in mma.adapters]
+    remove_hooks(mma.patch)
+    for layer, key, proj in _projections(model, row):
+        affine, shift = affines[layer]
+        mma.patch.merged_originals[key + ".weight"] = proj.weight.detach().clone()
+        mma.patch.merged_originals[key + ".bias"] = None if proj.bias is None else proj.bias.detach().clone()
+        weight = proj.weight.float() if row.projections_in_out else proj.weight.float().T  # [in, out]
+        folded = affine.T @ weight
+        bias = shift @ weight + (0.0 if proj.bias is None else proj.bias.float())
+        proj.weight.copy_(folded if row.projections_in_out else folded.T)
+        if proj.bias is None:
+            proj.bias = nn.Parameter(bias.to(proj.weight.dtype), requires_grad=False)
+        else:
+            proj.bias.copy_(bias)
 
 
 @torch.no_grad()
 def revert_mma(model: nn.Module) -> None:
     """Remove the adapters (merged or not) and restore the LLM's weights and requires_grad flags."""
-    mma = getattr(model, MMA_ATTRIBUTE, None)
-    if mma is None:
-        raise ValueError("revert_mma: this model has no MMA adapters")
-    for handle in mma.patch.handles:
-        handle.remove()
-    if mma.patch.merged_originals:
-        attentions, _ = _attention_modules(model)
-        for layer, attention in enumerate(attentions):
-            for name, proj in zip(("q", "k", "v"), _projections(attention), strict=True):
-                proj.weight.copy_(mma.patch.merged_originals[f"{layer}.{name}.weight"])
-                bias = mma.patch.merged_originals[f"{layer}.{name}.bias"]
-                if bias is None:
-                    proj.bias = None
-                else:
-                    proj.bias.copy_(bias)
-    delattr(model, MMA_ATTRIBUTE)
-    for name, param in model.named_parameters():
-        param.requires_grad_(mma.patch.requires_grad[name])
+    mma = patch_module(model, "mma")
+    originals = mma.patch.merged_originals
+    if originals:
+        for _, key, proj in _projections(model, family(model)):
+            proj.weight.copy_(originals[key + ".weight"])
+            if originals[key + ".bias"] is None:
+                proj.bias = None  # merge_mma added it
+            else:
+                proj.bias.copy_(originals[key + ".bias"])
+    detach(model, "mma")
