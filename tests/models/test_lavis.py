@@ -14,7 +14,8 @@ HIDDEN, LAYERS, INTERMEDIATE, VISION, QUERIES, LLM = 128, 4, 96, 40, 5, 36  # 2 
 LAYER = "Qformer.bert.encoder.layer."
 
 
-def lavis_state(projector: str | None, text_branch: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+def lavis_state(projector: str | None, text_branch: bool = False, seed: int = 0, *, vision: int = VISION,
+                llm: int = LLM) -> dict[str, torch.Tensor]:
     """A LAVIS state dict: what the VPG needs, plus keys it must ignore (the ViT, stage 1's LM head,
     position_ids; InstructBLIP's text embeddings and text FFN when `text_branch`)."""
     generator = torch.Generator().manual_seed(seed)
@@ -30,10 +31,10 @@ def lavis_state(projector: str | None, text_branch: bool = False, seed: int = 0)
         state.update({f"{name}.weight": 1 + randn(width, scale=0.1), f"{name}.bias": randn(width, scale=0.1)})
 
     state["query_tokens"] = randn(1, QUERIES, HIDDEN)
-    norm("ln_vision", VISION)
+    norm("ln_vision", vision)
     norm("Qformer.bert.embeddings.LayerNorm", HIDDEN)
     for i in range(LAYERS):
-        for block, width in [("attention", HIDDEN)] + ([("crossattention", VISION)] if i % 2 == 0 else []):
+        for block, width in [("attention", HIDDEN)] + ([("crossattention", vision)] if i % 2 == 0 else []):
             linear(f"{LAYER}{i}.{block}.self.query", HIDDEN, HIDDEN)
             linear(f"{LAYER}{i}.{block}.self.key", HIDDEN, width)
             linear(f"{LAYER}{i}.{block}.self.value", HIDDEN, width)
@@ -47,8 +48,8 @@ def lavis_state(projector: str | None, text_branch: bool = False, seed: int = 0)
             linear(f"{LAYER}{i}.output.dense", HIDDEN, INTERMEDIATE)
             norm(f"{LAYER}{i}.output.LayerNorm", HIDDEN)
     if projector is not None:
-        linear(projector, LLM, HIDDEN)
-    state.update({"visual_encoder.cls_token": randn(1, 1, VISION), "visual_encoder.blocks.0.attn.q_bias": randn(VISION),
+        linear(projector, llm, HIDDEN)
+    state.update({"visual_encoder.cls_token": randn(1, 1, vision), "visual_encoder.blocks.0.attn.q_bias": randn(vision),
                   "Qformer.cls.predictions.bias": randn(11),
                   "Qformer.bert.embeddings.position_ids": torch.arange(7)[None]})
     if text_branch:

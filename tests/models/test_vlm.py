@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionModel
+from transformers import AutoModelForCausalLM, Blip2VisionModel
 
 from tests.data.test_coco_and_collate import word_tokenizer
 from tests.tiny_models import TINY_MODELS
 from vlfast.data.collate import CaptionCollator
 from vlfast.data.shapes import ShapesDataset
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
-from vlfast.models.vision import tiny_vision_tower
+from vlfast.models.vision import tiny_vision_tower, tower_features
+from vlfast.models.vlm import LLM_DTYPES
 
 WORDS = ["a", "red", "circle", "describe", "the", "image", ":"]
 
@@ -21,7 +22,7 @@ def caption_of(scene) -> str:
     return "a red circle" if obj.colour == "red" else "a circle"
 
 
-@pytest.fixture(params=list(TINY_MODELS))
+@pytest.fixture(params=["llama", "opt"])  # every family's patching is tested in tests/patch
 def parts(request, tmp_path):
     llm = TINY_MODELS[request.param]()
     with torch.no_grad():  # weights of std 0.2 instead of 0.02: an LLM whose output depends on its context
@@ -31,7 +32,7 @@ def parts(request, tmp_path):
     llm.save_pretrained(tmp_path / "llm")
     tiny_vision_tower().save_pretrained(tmp_path / "tower")
     llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
-    tower = CLIPVisionModel.from_pretrained(tmp_path / "tower")
+    tower = Blip2VisionModel.from_pretrained(tmp_path / "tower")
     config = VPGConfig(QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
                                      encoder_hidden_size=96, hidden_dropout=0.0), num_query_tokens=4,
                        llm_hidden_size=64)
@@ -77,7 +78,7 @@ def test_cached_features_give_the_same_loss(parts):
     tower, llm, config = parts
     model = VisionLanguageModel(tower, VPG(config), llm).eval()
     b = batch(CaptionCollator(word_tokenizer()), 0, size=3)
-    features = tower(pixel_values=b["pixel_values"]).last_hidden_state
+    features = tower_features(tower, b["pixel_values"])
     with torch.no_grad():
         torch.testing.assert_close(model(b["input_ids"], b["attention_mask"], b["labels"], image_features=features),
                                    model(b["input_ids"], b["attention_mask"], b["labels"],
@@ -99,3 +100,59 @@ def test_mismatched_parts_are_reported(parts):
     model = VisionLanguageModel(tower, VPG(config), llm)
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
         model.visual_prompts()
+
+
+def tiny_t5(vocab_size: int = 97):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=vocab_size, d_model=64, d_ff=72, d_kv=16, num_layers=2, num_decoder_layers=1,
+                      num_heads=3, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=0, dropout_rate=0.0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("parts", ["llama"], indirect=True)  # the T5 replaces the fixture's LLM
+def test_encoder_decoder_llm_reads_the_prompts_in_its_encoder(parts):
+    """T5 as BLIP-2 feeds FlanT5: [visual prompts][prompt + eos] in the encoder, the caption scored in
+    the decoder; the loss equals HF's own on the same inputs, sums over num_items_in_batch, and
+    generate returns the decoder's new tokens."""
+    tower, _, config = parts
+    llm = tiny_t5()
+    model = VisionLanguageModel(tower, VPG(config), llm, tokenizer=word_tokenizer()).eval()
+    collate = CaptionCollator(word_tokenizer(), prompt="describe the image :", encoder_decoder=True)
+    b = batch(collate, 0, size=3)
+    assert (b["input_ids"][:, -1] == word_tokenizer().eos_token_id).all()  # prompt + eos, no caption
+    with torch.no_grad():
+        loss = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+        prompts = model.visual_prompts(pixel_values=b["pixel_values"])
+        embeds = torch.cat([prompts, llm.get_input_embeddings()(b["input_ids"])], dim=1)
+        mask = torch.cat([torch.ones(3, prompts.shape[1], dtype=torch.long), b["attention_mask"]], dim=1)
+        expected = llm(inputs_embeds=embeds, attention_mask=mask, labels=b["labels"]).loss
+        summed = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],
+                       num_items_in_batch=1)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(summed, expected * collate.labelled_tokens(b["labels"]))
+    out = model.generate(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"], max_new_tokens=4,
+                         do_sample=False)
+    full = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert (full[:, 0] == llm.config.decoder_start_token_id).all() and out.shape == (3, full.shape[1] - 1)
+    torch.testing.assert_close(out, full[:, 1:])
+    with pytest.raises(ValueError, match="encoder-decoder LLM: use connector='input'"):
+        VisionLanguageModel(tower, VPG(config), tiny_t5(), connector="memory")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_precision_llm_trains_a_float32_vpg(parts, dtype):
+    tower, llm, config = parts
+    model = VisionLanguageModel(tower, VPG(config), llm, llm_dtype=dtype, connector="memory", mma={"rank": 4})
+    frozen = {p.dtype for n, p in model.llm.named_parameters() if not n.startswith("vlfast_")}
+    trained = {p.dtype for p in [*model.vpg.parameters(), *(p for m in model.llm_patches() for p in m.parameters())]}
+    assert frozen == {LLM_DTYPES[dtype]} and trained == {torch.float32}
+    b = batch(CaptionCollator(word_tokenizer()), 0, size=3)
+    loss = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32
+                                        for p in model.vpg.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="llm_dtype must be one of"):
+        VisionLanguageModel(tower, VPG(config), llm, llm_dtype="int8")

@@ -3,6 +3,7 @@ what it writes, YAML configs, bad inputs, resuming after a kill, and torchrun.""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -211,3 +212,42 @@ def test_memory_connector_with_adapters(tiny_defaults, tmp_path):
     weights = load_file(str(next((tmp_path / "run" / "scratch" / "checkpoints").glob("checkpoint-*"))
                             / "trainable.safetensors"))
     assert any("vlfast_memvp" in name for name in weights) and any("vlfast_mma" in name for name in weights)
+
+
+def _save_t5(directory) -> str:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from vlfast import defaults
+
+    tokenizer = defaults.shapes_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=40, d_ff=56, d_kv=20, num_layers=1, num_decoder_layers=1,
+                      num_heads=2, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_a_decoder_only_source_transferred_to_an_encoder_decoder_target(tiny_defaults, tmp_path):
+    """VPGTrans's FlanT5 pairing in miniature: the default (Llama-architecture) source to a T5 target,
+    with the frozen LLMs held in bf16."""
+    t5 = _save_t5(tmp_path / "t5")
+    report = main(["--preset", "smoke", "--target-llm", t5, "--llm-dtype", "bf16", "--output-dir", str(tmp_path / "run")])
+    for run in ("transfer", "scratch"):
+        history = report["runs"][run]["history"]
+        assert len(history) == 2 and all(math.isfinite(h["val_loss"]) for h in history)
+    assert VPG.from_pretrained(tmp_path / "run" / "transfer" / "vpg").config.llm_hidden_size == 40
+    with pytest.raises(SystemExit, match="the memory connector and --mma patch its layers, but .*model_type 't5'"):
+        main(["--preset", "smoke", "--target-llm", t5, "--connector", "memory", "--output-dir", str(tmp_path / "no")])
+
+
+def test_a_lavis_checkpoint_as_the_source_vpg(tiny_defaults, tmp_path):
+    from tests.models.test_lavis import lavis_state
+
+    torch.save({"model": lavis_state("opt_proj", vision=96, llm=32)}, tmp_path / "blip2_pretrained_tiny.pth")
+    report = main(["--preset", "smoke", "--no-baseline", "--source-vpg", str(tmp_path / "blip2_pretrained_tiny.pth"),
+                   "--output-dir", str(tmp_path / "run")])
+    assert "source" not in report["runs"] and len(report["runs"]["transfer"]["history"]) == 2
+    with pytest.raises(SystemExit, match="not a LAVIS checkpoint"):
+        torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
+        main(["--preset", "smoke", "--source-vpg", str(tmp_path / "other.pth"), "--output-dir", str(tmp_path / "no")])

@@ -1,8 +1,11 @@
 """Frozen vision towers and the on-disk cache of their features.
 
 Any Hugging Face vision model whose output has `last_hidden_state` (B, N, C) works as a tower
-(CLIPVisionModel, Blip2VisionModel, ...). `tiny_vision_tower` builds the embedded default: a small
-randomly initialised, frozen CLIP ViT; random frozen features still carry the scene content.
+(CLIPVisionModel, Blip2VisionModel, ...). A BLIP-2 vision model's `post_layernorm` is BLIP-2's
+ln_vision, which the VPG owns, so its features are taken before that norm. `tiny_vision_tower`
+builds the embedded default: a small randomly initialised, frozen BLIP-2 ViT (so that a model
+trained on it exports as a Hugging Face BLIP-2); random frozen features still carry the scene
+content.
 """
 from __future__ import annotations
 
@@ -14,15 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+# Vision models whose last_hidden_state has been through BLIP-2's ln_vision (their post_layernorm).
+POST_NORMED_TOWERS = ("blip_2_vision_model",)
+
 
 def tiny_vision_tower(image_size: int = 48, patch_size: int = 6, width: int = 96, layers: int = 2,
                       seed: int = 0) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import Blip2VisionConfig, Blip2VisionModel
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch_size)
-    return CLIPVisionModel(config).eval().requires_grad_(False)
+    config = Blip2VisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                               num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    return Blip2VisionModel(config).eval().requires_grad_(False)
 
 
 def tower_width(tower: nn.Module) -> int:
@@ -31,8 +37,10 @@ def tower_width(tower: nn.Module) -> int:
 
 @torch.no_grad()
 def tower_features(tower: nn.Module, pixel_values: Tensor) -> Tensor:
-    """(B, N, C) features of a frozen tower."""
+    """(B, N, C) features of a frozen tower (before a BLIP-2 tower's post_layernorm)."""
     dtype = next(tower.parameters()).dtype
+    if tower.config.model_type in POST_NORMED_TOWERS:
+        return tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states[-1]
     return tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
 
 

@@ -1,9 +1,11 @@
-"""A frozen vision tower, a trainable VPG and a frozen causal LLM, joined by one of two connectors:
+"""A frozen vision tower, a trainable VPG and a frozen LLM, joined by one of two connectors:
 
-- `input`: BLIP-2's soft prompts, the VPG's output placed before the text embeddings;
+- `input`: BLIP-2's soft prompts, the VPG's output placed before the text embeddings (of a causal
+  LM, or of an encoder-decoder LM's encoder, as BLIP-2 feeds FlanT5);
 - `memory`: MemVP, the VPG's output as extra key/value rows of every FFN (vlfast.patch.apply_memvp);
 
-optionally with LaVIN's mixture-of-modality adapters in the LLM (vlfast.patch.apply_mma).
+optionally with LaVIN's mixture-of-modality adapters in the LLM (vlfast.patch.apply_mma). The LLM
+may be held in half precision (`llm_dtype`) while the VPG trains in float32.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from vlfast.data.collate import IGNORE_INDEX
 from vlfast.models.vision import tower_features, tower_width
 from vlfast.models.vpg import VPG
 from vlfast.patch import apply_memvp, apply_mma, modality, revert_memvp, revert_mma, visual_memory
+from vlfast.patch.base import is_patched, patch_module
 
 CONNECTORS = ("input", "memory")
+LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_tokenizer(tokenizer, llm: nn.Module) -> None:
@@ -37,10 +41,17 @@ def prepend_prompts(llm: nn.Module, prompts: Tensor, input_ids: Tensor,
 
 def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                      **loss_kwargs) -> Tensor:
-    """The LM loss on `labels` of the text read after the soft `prompts`. Logits are computed only
-    where a label is predicted (the last prompt position and the text): the LM head and its softmax
-    over the other prompt positions would be thrown away."""
+    """The LM loss on `labels` of the text read after the soft `prompts`. A causal LM computes
+    logits only where a label is predicted (the last prompt position and the text): the LM head and
+    its softmax over the other prompt positions would be thrown away. An encoder-decoder LM reads
+    the prompts and `input_ids` in its encoder and is scored on `labels` in its decoder."""
     embeds, mask = prepend_prompts(llm, prompts, input_ids, attention_mask)
+    if llm.config.is_encoder_decoder:  # its own loss is a mean: sum here, over num_items_in_batch when given
+        logits = llm(inputs_embeds=embeds, attention_mask=mask,
+                     decoder_input_ids=llm.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+        total = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+        return total / loss_kwargs.get("num_items_in_batch", (labels != IGNORE_INDEX).sum())
     labels = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
     return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1],
                **loss_kwargs).loss
@@ -48,12 +59,18 @@ def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attenti
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
-                 mma: dict | None = None, tokenizer=None) -> None:
+                 mma: dict | None = None, tokenizer=None, llm_dtype: str | None = None) -> None:
         """vision_tower may be None when the caller always passes cached image features. mma:
-        keyword arguments of apply_mma, or None for no adapters."""
+        keyword arguments of apply_mma, or None for no adapters. llm_dtype: fp32, bf16 or fp16 to
+        cast the frozen LLM to (None keeps its dtype); the VPG stays in its own dtype."""
         super().__init__()
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
+        if llm_dtype is not None and llm_dtype not in LLM_DTYPES:
+            raise ValueError(f"llm_dtype must be one of {tuple(LLM_DTYPES)}, got {llm_dtype!r}")
+        if llm.config.is_encoder_decoder and (connector == "memory" or mma is not None):
+            raise ValueError(f"the memory connector and MMA adapters patch a decoder-only LLM's layers; "
+                             f"{llm.config.model_type} is an encoder-decoder LLM: use connector='input' and no mma")
         llm_width = llm.get_input_embeddings().embedding_dim
         if vpg.config.llm_hidden_size != llm_width:
             raise ValueError(f"the VPG projects to {vpg.config.llm_hidden_size} but the LLM's hidden size is "
@@ -66,22 +83,27 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = vision_tower.eval().requires_grad_(False) if vision_tower is not None else None
         self.vpg, self.llm, self.connector, self.tokenizer = vpg, llm, connector, tokenizer
         llm.requires_grad_(False)
+        if llm_dtype is not None:
+            llm.to(LLM_DTYPES[llm_dtype])
         if connector == "memory":
             apply_memvp(llm, vpg.config.num_query_tokens)
         if mma is not None:
             apply_mma(llm, **mma)
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.llm.config.is_encoder_decoder)
+
     def llm_patches(self) -> list[nn.Module]:
         """The trainable modules the connector and the adapters added to the LLM."""
-        patches = (getattr(self.llm, "vlfast_memvp", None), getattr(self.llm, "vlfast_mma", None))
-        return [m for m in patches if m is not None]
+        return [patch_module(self.llm, kind) for kind in ("memvp", "mma") if is_patched(self.llm, kind)]
 
     def release_llm(self) -> nn.Module:
         """Undo this model's patches on the LLM (last applied first), so that it can join another
         model; returns it."""
-        if hasattr(self.llm, "vlfast_mma"):
+        if is_patched(self.llm, "mma"):
             revert_mma(self.llm)
-        if hasattr(self.llm, "vlfast_memvp"):
+        if is_patched(self.llm, "memvp"):
             revert_memvp(self.llm)
         return self.llm.requires_grad_(False)
 
@@ -96,19 +118,23 @@ class VisionLanguageModel(nn.Module):
 
     def _run(self, fn, prompts: Tensor, modalities):
         """fn(prompts) inside the connector's and the adapters' context."""
-        adapters = modality(self.llm, modalities) if hasattr(self.llm, "vlfast_mma") else contextlib.nullcontext()
+        adapters = modality(self.llm, modalities) if is_patched(self.llm, "mma") else contextlib.nullcontext()
         memory = visual_memory(self.llm, prompts) if self.connector == "memory" else contextlib.nullcontext()
         with adapters, memory:
             return fn(prompts)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, *,
                 pixel_values: Tensor | None = None, image_features: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None,
+                num_items_in_batch: int | Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 return_prompts: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The LM loss on `labels` (-100 ignored), or the logits when labels is None. The loss is the
+        """The LM loss on `labels` (-100 ignored), or the logits when labels is None (the text's
+        logits; an encoder-decoder LLM's decoder logits over `decoder_input_ids`). The loss is the
         mean over labelled tokens, or their sum over `num_items_in_batch` when given (what keeps
-        data-parallel shards of one batch equal to the whole batch). With return_prompts, also the
+        data-parallel shards of one batch equal to the whole batch). With an encoder-decoder LLM,
+        input_ids is the encoder's text and labels the decoder's. With return_prompts, also the
         visual prompts (B, Q, D) (for a loss on them, such as P-Former alignment)."""
+        if self.is_encoder_decoder and labels is None and decoder_input_ids is None:
+            raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids")
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -120,6 +146,8 @@ class VisionLanguageModel(nn.Module):
             if labels is not None:
                 return prompted_lm_loss(self.llm, prompts, input_ids, attention_mask, labels, **loss_kwargs)
             embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
+            if self.is_encoder_decoder:
+                return self.llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
             return self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
 
         out = self._run(run, prompts, modalities)
@@ -127,7 +155,8 @@ class VisionLanguageModel(nn.Module):
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pixel_values: Tensor | None = None,
                  image_features: Tensor | None = None, **generate_kwargs) -> Tensor:
-        """Continuations of the prompts `input_ids` (new tokens only) given the images."""
+        """Continuations of the prompts `input_ids` (new tokens only) given the images; for an
+        encoder-decoder LLM, the decoder's output for the encoder text `input_ids`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompts = self.visual_prompts(pixel_values, image_features)
@@ -138,6 +167,7 @@ class VisionLanguageModel(nn.Module):
                 out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
                 return out[:, input_ids.shape[1]:]
             embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
-            return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+            return out[:, 1:] if self.is_encoder_decoder else out  # a decoder starts from its start token
 
         return self._run(run, prompts, modalities)

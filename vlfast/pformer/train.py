@@ -133,7 +133,7 @@ def train(config: PFormerTrainConfig, resume: bool = False) -> list[dict]:
     pformer = PFormer(PFormerConfig(len(tokenizer), config.num_prompts, llm.get_input_embeddings().embedding_dim,
                                     config.hidden_size, config.num_layers))
     optimizer = torch.optim.AdamW(pformer.parameters(), lr=config.lr, weight_decay=0.01)
-    collate = CaptionCollator(tokenizer)
+    collate = CaptionCollator.for_llm(tokenizer, llm)
     steps_per_epoch = math.ceil(len(train_captions) / config.batch_size)
     progress = {"epoch": 0, "step": 0, "history": [], "wall_s": 0.0}
     saved = checkpoint.load(out / "checkpoints") if resume else None

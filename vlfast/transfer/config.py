@@ -20,9 +20,10 @@ PRESETS = {  # smoke: a seconds-long run for tests
 @dataclass
 class TransferConfig:
     # What to connect.
-    source_vpg: str | None = None  # a vlfast VPG or BLIP-2 directory; None: train one on the source LLM
-    source_llm: str = DEFAULT  # a Hugging Face causal-LM directory (with its tokenizer), or 'default'
+    source_vpg: str | None = None  # a vlfast VPG or BLIP-2 directory, or a LAVIS .pth; None: train one here
+    source_llm: str = DEFAULT  # an HF LLM directory with its tokenizer (causal or T5), 'smollm2' or 'default'
     target_llm: str = DEFAULT
+    llm_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen LLMs' weights (the VPG trains in fp32)
     vision: str = DEFAULT  # a Hugging Face vision-model directory, or 'default'
     data: str = "shapes"  # 'shapes' (made here) or 'coco:DIR' (DIR/annotations/captions_{train,val}2017.json)
     connector: str = "input"  # input (BLIP-2 soft prompts) | memory (MemVP)
@@ -56,6 +57,7 @@ class TransferConfig:
     def __post_init__(self) -> None:
         checks = {
             "connector": (self.connector in ("input", "memory"), "input or memory"),
+            "llm_dtype": (self.llm_dtype in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
             "metric": (self.metric in METRICS, " | ".join(METRICS)),
             "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),

@@ -12,7 +12,7 @@ from itertools import groupby
 
 import torch
 
-from vlfast.data.collate import IGNORE_INDEX, CaptionCollator
+from vlfast.data.collate import CaptionCollator
 from vlfast.models import VisionLanguageModel
 from vlfast.transfer.data import Example, Split
 
@@ -41,11 +41,6 @@ def batches(examples: list[Example], batch_size: int):
         yield examples[start:start + batch_size]
 
 
-def labelled_tokens(labels: torch.Tensor) -> int:
-    """How many tokens the causal LM loss scores (labels shift by one)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 @torch.no_grad()
 def lm_loss(model: VisionLanguageModel, split: Split, collate: CaptionCollator, batch_size: int,
             device: torch.device) -> float:
@@ -57,7 +52,7 @@ def lm_loss(model: VisionLanguageModel, split: Split, collate: CaptionCollator, 
         rows = torch.tensor([e.image for e in part])
         total += model(batch["input_ids"], batch["attention_mask"], batch["labels"], num_items_in_batch=1,
                        image_features=split.features[rows].to(device)).item()
-        tokens += labelled_tokens(batch["labels"])
+        tokens += collate.labelled_tokens(batch["labels"])
     return total / tokens
 
 

@@ -18,7 +18,8 @@ from vlfast import defaults
 from vlfast.data.collate import CaptionCollator
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
 from vlfast.models.vision import tower_width
-from vlfast.models.vlm import check_tokenizer
+from vlfast.models.vlm import LLM_DTYPES, check_tokenizer
+from vlfast.patch.families import family
 from vlfast.pformer.model import PFormer
 from vlfast.pformer.model import load as load_pformer
 from vlfast.transfer import loop, report
@@ -49,26 +50,42 @@ def _directory(option: str, value: str, path: str | None = None) -> Path:
     return directory
 
 
+def _source_vpg(value: str) -> VPG:
+    """--source-vpg: a VPG.save_pretrained or Hugging Face BLIP-2 directory, or a LAVIS / VPGTrans
+    checkpoint file (.pth)."""
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"--source-vpg {value}: no such directory or file")
+    try:
+        return VPG.from_pretrained(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"--source-vpg {value}: {error}") from error
+
+
 def _llm_width(llm: nn.Module) -> int:
     return llm.get_input_embeddings().embedding_dim
 
 
-def load_llm(value: str, option: str, default: str):
-    """(frozen causal LM, tokenizer) from a Hugging Face directory, or the embedded default's LM
-    named `default` when value is 'default'; `option` names the setting in errors."""
+def load_llm(value: str, option: str, default: str, dtype: str = "fp32"):
+    """(frozen LLM in `dtype`, tokenizer) from a Hugging Face directory (a causal LM, or an
+    encoder-decoder LM such as FlanT5), a registry LLM by name (vlfast.defaults.REGISTRY_LLMS), or
+    the embedded default's LM named `default` when value is 'default'; `option` names the setting
+    in errors."""
+    torch_dtype = LLM_DTYPES[dtype]
     if value == DEFAULT:
-        return defaults.default_lm(default), defaults.shapes_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return defaults.default_lm(default).to(torch_dtype), defaults.shapes_tokenizer()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     flag = "--" + option.replace("_", "-")
-    path = _directory(option, value)
+    path = defaults.registry_llm(value) if value in defaults.REGISTRY_LLMS else _directory(option, value)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ValueError(f"{flag} {value}: no tokenizer that loads there ({error})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    llm = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(path).is_encoder_decoder else AutoModelForCausalLM
+    llm = auto.from_pretrained(path, dtype=torch_dtype).eval().requires_grad_(False)
     try:
         check_tokenizer(tokenizer, llm)
     except ValueError as error:
@@ -89,9 +106,16 @@ def prepare(config: TransferConfig) -> Parts:
         from transformers import AutoModel
 
         tower = AutoModel.from_pretrained(_directory("vision", config.vision)).eval().requires_grad_(False)
-    source_vpg = VPG.from_pretrained(_directory("source_vpg", config.source_vpg)) if config.source_vpg else None
-    source_llm, source_tokenizer = load_llm(config.source_llm, "source_llm", "source")
-    target_llm, target_tokenizer = load_llm(config.target_llm, "target_llm", "target")
+    source_vpg = _source_vpg(config.source_vpg) if config.source_vpg else None
+    source_llm, source_tokenizer = load_llm(config.source_llm, "source_llm", "source", config.llm_dtype)
+    target_llm, target_tokenizer = load_llm(config.target_llm, "target_llm", "target", config.llm_dtype)
+    if config.connector == "memory" or config.mma:  # they patch the LLM's layers: its family must be known
+        for option, llm in (("source_llm", source_llm), ("target_llm", target_llm)):
+            try:
+                family(llm)
+            except TypeError as error:
+                raise ValueError(f"--{option.replace('_', '-')} {getattr(config, option)}: the memory connector "
+                                 f"and --mma patch its layers, but {error}") from error
     if source_vpg is not None:
         if source_vpg.config.vision_width != tower_width(tower):
             raise ValueError(f"--source-vpg {config.source_vpg} reads {source_vpg.config.vision_width}-wide image "
@@ -163,8 +187,9 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
                              defaults.cache_home() / "features")
     width = tower_width(parts.tower)
 
-    def context(tokenizer) -> loop.Context:
-        return loop.Context(config, processes, train, val, CaptionCollator(tokenizer), out, signals, parts.pformer)
+    def context(tokenizer, llm: nn.Module) -> loop.Context:
+        return loop.Context(config, processes, train, val, CaptionCollator.for_llm(tokenizer, llm), out, signals,
+                            parts.pformer)
 
     # 1. The source VPG, trained on the source LLM unless given.
     source_vpg, results = parts.source_vpg, {}
@@ -174,7 +199,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
                        parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
                                          [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],
-                                         context(parts.source_tokenizer))
+                                         context(parts.source_tokenizer, parts.source_llm))
         model.release_llm()
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
 
@@ -191,7 +216,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
                          _projector_and_patches, config.pformer_weight_stage1),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of, config.pformer_weight_stage2)]
-    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer))
+    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer, parts.target_llm))
     model.release_llm()
 
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
@@ -201,7 +226,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         results[SCRATCH] = loop.train_run(SCRATCH, model,
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of,
                                                       config.pformer_weight_stage2)],
-                                          context(parts.target_tokenizer))
+                                          context(parts.target_tokenizer, parts.target_llm))
         model.release_llm()
     if not processes.main:  # only the main process evaluates
         return {}

@@ -25,7 +25,7 @@ from vlfast.transfer import checkpoint
 from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.data import Split
 from vlfast.transfer.distributed import Processes
-from vlfast.transfer.evaluate import evaluate, labelled_tokens
+from vlfast.transfer.evaluate import evaluate
 
 RESULT = "result.json"
 
@@ -219,7 +219,7 @@ def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: P
     batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
     batch = {k: v.to(processes.device) for k, v in batch.items()}
     captions = [i for i, e in enumerate(examples) if not e.prompt]
-    tokens, caption_count = processes.sum([labelled_tokens(batch["labels"]), len(captions)])
+    tokens, caption_count = processes.sum([context.collate.labelled_tokens(batch["labels"]), len(captions)])
     features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
     with autocast:
         lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
