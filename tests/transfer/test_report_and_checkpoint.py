@@ -11,7 +11,7 @@ from vlfast.transfer.report import build, epochs_to_reach
 
 def history(scores, metric="val_loss", seconds=10.0):
     return {"history": [{"epoch": i + 1, metric: s, "wall_s": seconds * (i + 1)} for i, s in enumerate(scores)],
-            "wall_s": seconds * len(scores)}
+            "wall_s": seconds * len(scores), "steps": 4 * len(scores)}
 
 
 def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
@@ -22,6 +22,7 @@ def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
     assert report["runs"]["transfer"]["epochs_to_target"] == 3
     assert report["speedup"] == pytest.approx(4 / 3)
     assert report["speedup_wall"] == pytest.approx(40 / 15)
+    assert report["runs"]["transfer"]["seconds_per_step"] == pytest.approx(20 / 16)
 
 
 def test_higher_is_better_metrics_and_a_target_never_reached():

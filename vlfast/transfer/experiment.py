@@ -24,7 +24,8 @@ from vlfast.pformer.model import PFormer
 from vlfast.pformer.model import load as load_pformer
 from vlfast.transfer import loop, report
 from vlfast.transfer.config import DEFAULT, TransferConfig
-from vlfast.transfer.converter import merge_projector, shared_vocabulary_pairs, token_pairs, train_word_converter
+from vlfast.transfer.converter import (cosine_loss, merge_projector, shared_vocabulary_pairs, token_pairs,
+                                       train_word_converter)
 from vlfast.transfer.data import Split, load_splits
 from vlfast.transfer.distributed import Processes
 
@@ -205,9 +206,10 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
 
     # 2. Transfer: converter, merged projector, stage 1 (projector, lr x5, 1 epoch), stage 2 (all, cosine).
     torch.manual_seed(loop.seed_for(config.seed, TRANSFER))
-    converter = train_word_converter(parts.source_llm.get_input_embeddings().weight,
-                                     parts.target_llm.get_input_embeddings().weight, _word_pairs(parts, train),
-                                     epochs=config.converter_epochs, seed=config.seed)
+    embeddings = (parts.source_llm.get_input_embeddings().weight, parts.target_llm.get_input_embeddings().weight)
+    pairs = _word_pairs(parts, train)
+    converter = train_word_converter(*embeddings, pairs, epochs=config.converter_epochs, seed=config.seed)
+    converter_report = {"token_pairs": len(pairs), "cosine_loss": cosine_loss(converter, *embeddings, pairs)}
     vpg = VPG(dataclasses.replace(source_vpg.config, llm_hidden_size=_llm_width(parts.target_llm)))
     vpg.load_state_dict({k: v for k, v in source_vpg.state_dict().items() if not k.startswith("projector.")},
                         strict=False)
@@ -230,6 +232,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         model.release_llm()
     if not processes.main:  # only the main process evaluates
         return {}
-    summary = report.build(results, config.metric, processes.world, {"total_s": round(time.perf_counter() - begin, 1)})
+    summary = report.build(results, config.metric, processes.world,
+                           {"total_s": round(time.perf_counter() - begin, 1), "converter": converter_report})
     report.write(summary, out)
     return summary

@@ -37,7 +37,7 @@ def build(results: dict[str, dict], metric: str, world: int, extra: dict) -> dic
         value, epoch = best(result["history"], metric)
         report["runs"][name] = {"best": value, "best_epoch": epoch, "epochs_to_target": None,
                                 "wall_s": result["wall_s"], "compute_hours": result["wall_s"] * world / 3600,
-                                "history": result["history"]}
+                                "seconds_per_step": result["wall_s"] / result["steps"], "history": result["history"]}
     if "scratch" in results:
         scratch = report["runs"]["scratch"]
         target_epoch = scratch["best_epoch"]
@@ -67,6 +67,10 @@ def table(report: dict) -> str:
             entry = run["history"][e] if e < len(run["history"]) else {}
             cells.append("".join(f"{entry[c]:8.3f}" if entry.get(c) is not None else f"{'-':>8}" for c in columns))
         lines.append(f"{e + 1:>5}  " + "   ".join(cells))
+    if "converter" in report:
+        converter = report["converter"]
+        lines.append(f"\nword converter: {converter['token_pairs']} token pairs, 1 - cos {converter['cosine_loss']:.3f}; "
+                     + ", ".join(f"{n} {r['seconds_per_step']:.2f} s/step" for n, r in runs.items()))
     if "speedup" in report:
         scratch, transfer = runs["scratch"], runs["transfer"]
         lines.append(f"\ntarget: the scratch run's best {metric} {scratch['best']:.3f} (epoch {scratch['best_epoch']},"
