@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.transfer.conftest import command, environment, run_cli
-from vlfast.models import VPG
+from vlfast.models import VPG, VisionLanguageModel
+from vlfast.patch import is_patched
 from vlfast.transfer.__main__ import main
 
 SCORES = ("val_loss", "cider", "qa_accuracy")
@@ -212,6 +213,8 @@ def test_memory_connector_with_adapters(tiny_defaults, tmp_path):
     weights = load_file(str(next((tmp_path / "run" / "scratch" / "checkpoints").glob("checkpoint-*"))
                             / "trainable.safetensors"))
     assert any("vlfast_memvp" in name for name in weights) and any("vlfast_mma" in name for name in weights)
+    model = VisionLanguageModel.from_pretrained(tmp_path / "run" / "scratch" / "model")  # all that trained, saved
+    assert model.connector == "memory" and is_patched(model.llm, "memvp") and is_patched(model.llm, "mma")
 
 
 def _save_t5(directory) -> str:
@@ -232,7 +235,8 @@ def test_a_decoder_only_source_transferred_to_an_encoder_decoder_target(tiny_def
     """VPGTrans's FlanT5 pairing in miniature: the default (Llama-architecture) source to a T5 target,
     with the frozen LLMs held in bf16."""
     t5 = _save_t5(tmp_path / "t5")
-    report = main(["--preset", "smoke", "--target-llm", t5, "--llm-dtype", "bf16", "--output-dir", str(tmp_path / "run")])
+    report = main(["--preset", "smoke", "--target-llm", t5, "--llm-dtype", "bf16",
+                   "--output-dir", str(tmp_path / "run")])
     for run in ("transfer", "scratch"):
         history = report["runs"][run]["history"]
         assert len(history) == 2 and all(math.isfinite(h["val_loss"]) for h in history)

@@ -31,6 +31,15 @@ def tiny_vision_tower(image_size: int = 48, patch_size: int = 6, width: int = 96
     return Blip2VisionModel(config).eval().requires_grad_(False)
 
 
+def load_tower(directory: str | Path) -> nn.Module:
+    """A frozen vision tower saved with save_pretrained, by its config's architecture (AutoModel
+    does not map Blip2VisionModel)."""
+    import transformers
+
+    architecture = transformers.AutoConfig.from_pretrained(directory).architectures[0]
+    return getattr(transformers, architecture).from_pretrained(directory).eval().requires_grad_(False)
+
+
 def tower_width(tower: nn.Module) -> int:
     return tower.config.hidden_size
 

@@ -171,3 +171,18 @@ class VisionLanguageModel(nn.Module):
             return out[:, 1:] if self.is_encoder_decoder else out  # a decoder starts from its start token
 
         return self._run(run, prompts, modalities)
+
+    def save_pretrained(self, directory: str, *, copy_frozen: bool = False) -> None:
+        """A self-contained model directory (vlfast.models.saving): the trained weights, the settings,
+        the tokenizer, and the frozen LLM and tower by reference, or copied when they have no
+        directory to refer to or `copy_frozen` is set."""
+        from vlfast.models.saving import save
+
+        save(self, directory, copy_frozen=copy_frozen)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, vision_tower: nn.Module | None = None) -> VisionLanguageModel:
+        """The model save_pretrained wrote, in eval mode; `vision_tower` serves when it saved none."""
+        from vlfast.models.saving import load
+
+        return load(directory, vision_tower=vision_tower)

@@ -17,15 +17,20 @@ from torch import nn
 from vlfast import defaults
 from vlfast.data.collate import CaptionCollator
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
-from vlfast.models.vision import tower_width
+from vlfast.models.vision import load_tower, tower_width
 from vlfast.models.vlm import LLM_DTYPES, check_tokenizer
 from vlfast.patch.families import family
 from vlfast.pformer.model import PFormer
 from vlfast.pformer.model import load as load_pformer
 from vlfast.transfer import loop, report
 from vlfast.transfer.config import DEFAULT, TransferConfig
-from vlfast.transfer.converter import (cosine_loss, merge_projector, shared_vocabulary_pairs, token_pairs,
-                                       train_word_converter)
+from vlfast.transfer.converter import (
+    cosine_loss,
+    merge_projector,
+    shared_vocabulary_pairs,
+    token_pairs,
+    train_word_converter,
+)
 from vlfast.transfer.data import Split, load_splits
 from vlfast.transfer.distributed import Processes
 
@@ -104,9 +109,7 @@ def prepare(config: TransferConfig) -> Parts:
     if config.vision == DEFAULT:
         tower = defaults.default_vision_tower()
     else:
-        from transformers import AutoModel
-
-        tower = AutoModel.from_pretrained(_directory("vision", config.vision)).eval().requires_grad_(False)
+        tower = load_tower(_directory("vision", config.vision))
     source_vpg = _source_vpg(config.source_vpg) if config.source_vpg else None
     source_llm, source_tokenizer = load_llm(config.source_llm, "source_llm", "source", config.llm_dtype)
     target_llm, target_tokenizer = load_llm(config.target_llm, "target_llm", "target", config.llm_dtype)
@@ -148,11 +151,14 @@ def _checked_pformer(config: TransferConfig, target_llm: nn.Module, target_token
     return pformer
 
 
-def _new_vpg(config: TransferConfig, vision_width: int, llm_width: int) -> VPG:
+def _new_vpg(config: TransferConfig, tower: nn.Module, llm_width: int) -> VPG:
+    """A VPG of the configured size; its ln_vision takes the tower's LayerNorm eps, so that a BLIP-2
+    tower's post_layernorm can hold it on export."""
     qformer = QFormerConfig(hidden_size=config.qformer_hidden, num_layers=config.qformer_layers, num_heads=2,
-                            intermediate_size=2 * config.qformer_hidden, encoder_hidden_size=vision_width,
+                            intermediate_size=2 * config.qformer_hidden, encoder_hidden_size=tower_width(tower),
                             cross_attention_frequency=1, hidden_dropout=0.0)
-    return VPG(VPGConfig(qformer, config.num_query_tokens, llm_width))
+    eps = getattr(tower.config, "layer_norm_eps", VPGConfig.vision_layer_norm_eps)
+    return VPG(VPGConfig(qformer, config.num_query_tokens, llm_width, eps))
 
 
 def _model(config: TransferConfig, vpg: VPG, llm: nn.Module, tokenizer) -> VisionLanguageModel:
@@ -186,7 +192,6 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     begin = time.perf_counter()
     train, val = load_splits(config.data, config.train_images, config.val_images, config.seed, parts.tower,
                              defaults.cache_home() / "features")
-    width = tower_width(parts.tower)
 
     def context(tokenizer, llm: nn.Module) -> loop.Context:
         return loop.Context(config, processes, train, val, CaptionCollator.for_llm(tokenizer, llm), out, signals,
@@ -196,7 +201,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     source_vpg, results = parts.source_vpg, {}
     if source_vpg is None:
         torch.manual_seed(loop.seed_for(config.seed, SOURCE))
-        model = _model(config, _new_vpg(config, width, _llm_width(parts.source_llm)), parts.source_llm,
+        model = _model(config, _new_vpg(config, parts.tower, _llm_width(parts.source_llm)), parts.source_llm,
                        parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
                                          [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],

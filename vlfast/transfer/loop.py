@@ -181,7 +181,8 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     result = {"history": progress["history"], "wall_s": round(progress["wall_s"], 3),
               "steps": len(plan) * steps_per_epoch}
     if processes.main:
-        model.vpg.save_pretrained(run_dir / "vpg")
+        model.vpg.save_pretrained(run_dir / "vpg")  # what a later run transfers
+        model.save_pretrained(run_dir / "model")  # everything trained, MemVP / MMA included: vlfast.generate, export
         (run_dir / RESULT).write_text(json.dumps(result, indent=1))
     processes.barrier()
     if writer:

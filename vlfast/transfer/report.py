@@ -69,8 +69,9 @@ def table(report: dict) -> str:
         lines.append(f"{e + 1:>5}  " + "   ".join(cells))
     if "converter" in report:
         converter = report["converter"]
-        lines.append(f"\nword converter: {converter['token_pairs']} token pairs, 1 - cos {converter['cosine_loss']:.3f}; "
-                     + ", ".join(f"{n} {r['seconds_per_step']:.2f} s/step" for n, r in runs.items()))
+        steps = ", ".join(f"{name} {run['seconds_per_step']:.2f} s/step" for name, run in runs.items())
+        lines.append(f"\nword converter: {converter['token_pairs']} token pairs, "
+                     f"1 - cos {converter['cosine_loss']:.3f}; {steps}")
     if "speedup" in report:
         scratch, transfer = runs["scratch"], runs["transfer"]
         lines.append(f"\ntarget: the scratch run's best {metric} {scratch['best']:.3f} (epoch {scratch['best_epoch']},"
