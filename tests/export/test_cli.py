@@ -10,30 +10,20 @@ from pathlib import Path
 import pytest
 from transformers import Blip2ForConditionalGeneration
 
-from tests.conftest import TINY_LMS
-from tests.export.conftest import QUERIES, tiny_model, tiny_vpg, write_images
+from tests.export.conftest import tiny_model, write_images
 from tests.transfer.conftest import environment
-from vlfast import defaults
 from vlfast.export.__main__ import main as export
 from vlfast.generate import main as generate
-from vlfast.models import VisionLanguageModel
 from vlfast.settings import save_config
+from vlfast.transfer.__main__ import main as transfer
 from vlfast.transfer.config import TransferConfig
 
 GREEDY = ["--num-beams", "1", "--max-new-tokens", "6", "--device", "cpu"]
 
 
-def fake_run(directory: Path, connector: str = "input", whole_model: bool = False) -> Path:
-    """A run directory as `python -m vlfast.transfer` leaves it: config.yaml and transfer/vpg/ (and
-    transfer/model/, the whole model without its tower, when `whole_model`)."""
-    directory.mkdir(parents=True)
-    save_config(TransferConfig(output_dir=str(directory), connector=connector), directory)
-    vpg = tiny_vpg(TINY_LMS["target"].hidden_size, vision_width=96)
-    vpg.save_pretrained(directory / "transfer" / "vpg")
-    if whole_model:
-        model = VisionLanguageModel(None, vpg, defaults.default_lm("target"), connector=connector,
-                                    tokenizer=defaults.shapes_tokenizer())
-        model.save_pretrained(directory / "transfer" / "model")
+def transfer_run(directory: Path, *args: str) -> Path:
+    """A run directory written by `python -m vlfast.transfer` (a seconds-long run, no baseline)."""
+    transfer(["--preset", "smoke", "--no-baseline", "--output-dir", str(directory), *args])
     return directory
 
 
@@ -45,11 +35,11 @@ def answers(capsys, argv: list[str]) -> list[str]:
 
 
 def test_run_directory_to_hf_and_vlfast_give_the_same_answers(tiny_defaults, tmp_path, capsys):
-    run = fake_run(tmp_path / "run")
+    run = transfer_run(tmp_path / "run")
     images = [str(p) for p in write_images(tmp_path / "images")]
     export([str(run), str(tmp_path / "hf")])
     assert "hf: Hugging Face BLIP-2" in capsys.readouterr().out
-    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").config.num_query_tokens == QUERIES
+    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").config.num_query_tokens == 8  # the run's
     export([str(run), str(tmp_path / "vlfast"), "--format", "vlfast"])
     capsys.readouterr()
     from_run = answers(capsys, ["--model", str(run), "--image", *images, *GREEDY])
@@ -63,7 +53,7 @@ def test_run_directory_to_hf_and_vlfast_give_the_same_answers(tiny_defaults, tmp
 
 
 def test_memory_connector_runs_export_as_vlfast_only(tiny_defaults, tmp_path, capsys):
-    run = fake_run(tmp_path / "run", connector="memory", whole_model=True)
+    run = transfer_run(tmp_path / "run", "--connector", "memory")
     with pytest.raises(SystemExit, match="vlfast.export: error: .*BLIP-2's class cannot express MemVP; "
                                          "VisionLanguageModel.save_pretrained \\(python -m vlfast.export --format "
                                          "vlfast\\) writes a vlfast model directory instead"):
@@ -75,12 +65,6 @@ def test_memory_connector_runs_export_as_vlfast_only(tiny_defaults, tmp_path, ca
                                "--temperature", "0.7", "--max-new-tokens", "4"])
     beams = answers(capsys, ["--model", str(tmp_path / "vlfast"), "--image", *images, "--max-new-tokens", "4"])
     assert len(sampled) == len(beams) == 2
-    # Without model/, only the VPG of a memory-connector run was saved: nothing to rebuild it from.
-    (tmp_path / "bare").mkdir()
-    save_config(TransferConfig(output_dir=str(tmp_path / "bare"), connector="memory"), tmp_path / "bare")
-    tiny_vpg(48, 96).save_pretrained(tmp_path / "bare" / "transfer" / "vpg")
-    with pytest.raises(SystemExit, match="transfer has no model/: the weights of its memory connector were not saved"):
-        export([str(tmp_path / "bare"), str(tmp_path / "out")])
 
 
 def test_generate_as_a_command(tokenizer, tmp_path):
@@ -112,6 +96,5 @@ def test_bad_inputs_are_named_before_loading(tokenizer, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     save_config(TransferConfig(output_dir=str(run)), run)
-    with pytest.raises(SystemExit, match="run/scratch holds neither model/ nor vpg/: the scratch run of .* did not "
-                                         "finish"):
+    with pytest.raises(SystemExit, match="run/scratch/model holds no model: the scratch run of .* did not finish"):
         export([str(run), str(tmp_path / "out"), "--run", "scratch"])

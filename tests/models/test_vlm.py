@@ -132,13 +132,13 @@ def test_encoder_decoder_llm_reads_the_prompts_in_its_encoder(parts):
         summed = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],
                        num_items_in_batch=1)
     torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(summed, expected * collate.labelled_tokens(b["labels"]))
+    torch.testing.assert_close(summed, expected * model.labelled_tokens(b["labels"]))
     out = model.generate(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"], max_new_tokens=4,
                          do_sample=False)
     full = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert (full[:, 0] == llm.config.decoder_start_token_id).all() and out.shape == (3, full.shape[1] - 1)
     torch.testing.assert_close(out, full[:, 1:])
-    with pytest.raises(ValueError, match="encoder-decoder LLM: use connector='input'"):
+    with pytest.raises(TypeError, match="does not support model_type 't5'"):
         VisionLanguageModel(tower, VPG(config), tiny_t5(), connector="memory")
 
 
@@ -156,3 +156,20 @@ def test_a_half_precision_llm_trains_a_float32_vpg(parts, dtype):
                                         for p in model.vpg.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="llm_dtype must be one of"):
         VisionLanguageModel(tower, VPG(config), llm, llm_dtype="int8")
+
+
+@pytest.mark.parametrize("connector", ["input", "memory"])
+def test_labelled_tokens_are_what_the_loss_scores(parts, connector):
+    """With no bos and no prompt the first caption token is scored after soft prompts but not by the
+    memory connector's plain causal LM: the summed loss over labelled_tokens is the mean loss."""
+    tower, llm, config = parts
+    tokenizer = word_tokenizer()
+    tokenizer.bos_token = None
+    model = VisionLanguageModel(tower, VPG(config), llm, connector=connector).eval()
+    b = batch(CaptionCollator(tokenizer), 0, size=3)
+    assert (b["labels"][:, 0] != -100).all()
+    with torch.no_grad():
+        mean = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+        summed = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],
+                       num_items_in_batch=model.labelled_tokens(b["labels"]))
+    torch.testing.assert_close(summed, mean)

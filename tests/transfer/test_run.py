@@ -252,6 +252,6 @@ def test_a_lavis_checkpoint_as_the_source_vpg(tiny_defaults, tmp_path):
     report = main(["--preset", "smoke", "--no-baseline", "--source-vpg", str(tmp_path / "blip2_pretrained_tiny.pth"),
                    "--output-dir", str(tmp_path / "run")])
     assert "source" not in report["runs"] and len(report["runs"]["transfer"]["history"]) == 2
+    torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="not a LAVIS checkpoint"):
-        torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
         main(["--preset", "smoke", "--source-vpg", str(tmp_path / "other.pth"), "--output-dir", str(tmp_path / "no")])

@@ -44,10 +44,11 @@ class CaptionCollator:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return bos + ids
 
-    def labelled_tokens(self, labels: torch.Tensor) -> int:
-        """How many tokens the loss scores (a causal LM's labels shift by one)."""
-        scored = labels if self.encoder_decoder else labels[:, 1:]
-        return int((scored != IGNORE_INDEX).sum())
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids as text, up to the first eos."""
+        eos = self.tokenizer.eos_token_id
+        ids = list(ids)
+        return self.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip()
 
     def tokenize(self, captions: Sequence[str], prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """prompts: one per caption, replacing the collator's prompt (a question before its answer)."""

@@ -104,6 +104,9 @@ def _mma_kwargs(model: VisionLanguageModel) -> dict | None:
 
 
 def save(model: VisionLanguageModel, directory: str | Path, *, copy_frozen: bool = False) -> None:
+    if is_patched(model.llm, "mma") and patch_module(model.llm, "mma").patch.merged_originals:
+        raise ValueError("the MMA adapters are merged into the LLM's q/k/v weights: save before merge_mma (or after "
+                         "revert_mma and a fresh apply_mma), so that loading does not apply them twice")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     llm_state, tower = _frozen_state(model.llm, _patch_names(model)), model.vision_tower
@@ -134,18 +137,19 @@ def _source(record: dict, directory: Path) -> str:
     return str(directory / record["copy"]) if "copy" in record else record["path"]
 
 
-def _load_frozen(record: dict, directory: Path, what: str) -> nn.Module:
+def _load_frozen(record: dict, directory: Path, what: str, dtype: torch.dtype) -> nn.Module:
     import transformers
 
     if "default" in record:
         part = record["default"]
-        module = defaults.default_vision_tower() if part == DEFAULT_TOWER else defaults.default_lm(part)
+        module = (defaults.default_vision_tower() if part == DEFAULT_TOWER else defaults.default_lm(part)).to(dtype)
     else:
         source = _source(record, directory)
         if ("copy" in record or Path(source).is_absolute()) and not Path(source).is_dir():
             raise FileNotFoundError(f"{directory}: its {what}, {source}, is gone (save the model with "
                                     f"copy_frozen=True to keep a copy of it)")
-        module = getattr(transformers, record["class"]).from_pretrained(source)
+        # Loaded in its dtype as vlfast.transfer loads it: transformers keeps a model's fp32 islands (T5's wo).
+        module = getattr(transformers, record["class"]).from_pretrained(source, dtype=dtype)
     return module.eval().requires_grad_(False)
 
 
@@ -166,10 +170,10 @@ def load(directory: str | Path, *, vision_tower: nn.Module | None = None) -> Vis
         found = {"blip-2": "a Hugging Face BLIP-2 model (load it with vlfast.export.from_hf_blip2)"}.get(
             values.get("model_type"), "a VPG (VPG.from_pretrained)" if "qformer" in values else "another model")
         raise ValueError(f"{directory / CONFIG_NAME} holds {found}: {EXPECTED}")
-    llm = _load_frozen(values["llm"], directory, "LLM")
+    llm = _load_frozen(values["llm"], directory, "LLM", LLM_DTYPES[values["llm_dtype"]])
     if values["vision"] is not None:
-        vision_tower = _load_frozen(values["vision"], directory, "vision tower")
-        vision_tower.to(getattr(torch, values["vision"]["dtype"]))
+        tower_dtype = getattr(torch, values["vision"]["dtype"])
+        vision_tower = _load_frozen(values["vision"], directory, "vision tower", tower_dtype)
         _check_fingerprint(values["vision"], vision_tower.state_dict(), directory, "vision tower")
     tokenizer = None
     if values["tokenizer"]:

@@ -26,17 +26,26 @@ def tiny_vision_tower(image_size: int = 48, patch_size: int = 6, width: int = 96
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
     torch.manual_seed(seed)
+    # BLIP-2's vision default initializer_range is 1e-10 (its weights are always loaded): random weights
+    # that small would make the features blind to the image.
     config = Blip2VisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                               num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+                               num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                               initializer_range=0.02)
     return Blip2VisionModel(config).eval().requires_grad_(False)
 
 
 def load_tower(directory: str | Path) -> nn.Module:
     """A frozen vision tower saved with save_pretrained, by its config's architecture (AutoModel
-    does not map Blip2VisionModel)."""
+    does not map Blip2VisionModel); a whole BLIP-2 directory gives its vision model."""
     import transformers
 
-    architecture = transformers.AutoConfig.from_pretrained(directory).architectures[0]
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if config.model_type == "blip-2":
+        return transformers.Blip2VisionModel.from_pretrained(directory).eval().requires_grad_(False)
+    architecture = (config.architectures or [None])[0]
+    if not hasattr(transformers, str(architecture)):
+        raise ValueError(f"{directory}: its config.json names no transformers vision model class "
+                         f"(architectures: {config.architectures})")
     return getattr(transformers, architecture).from_pretrained(directory).eval().requires_grad_(False)
 
 

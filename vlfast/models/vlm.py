@@ -19,6 +19,7 @@ from vlfast.models.vision import tower_features, tower_width
 from vlfast.models.vpg import VPG
 from vlfast.patch import apply_memvp, apply_mma, modality, revert_memvp, revert_mma, visual_memory
 from vlfast.patch.base import is_patched, patch_module
+from vlfast.patch.families import family
 
 CONNECTORS = ("input", "memory")
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,9 +69,12 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
         if llm_dtype is not None and llm_dtype not in LLM_DTYPES:
             raise ValueError(f"llm_dtype must be one of {tuple(LLM_DTYPES)}, got {llm_dtype!r}")
-        if llm.config.is_encoder_decoder and (connector == "memory" or mma is not None):
-            raise ValueError(f"the memory connector and MMA adapters patch a decoder-only LLM's layers; "
-                             f"{llm.config.model_type} is an encoder-decoder LLM: use connector='input' and no mma")
+        if connector == "memory" or mma is not None:  # they patch the LLM's layers: refused before any change
+            family(llm)
+        if connector == "memory" and llm.config.hidden_size != llm.get_input_embeddings().embedding_dim:
+            raise ValueError(f"the memory connector adds the prompts to the FFN inputs ({llm.config.hidden_size} "
+                             f"wide), but this LLM embeds tokens {llm.get_input_embeddings().embedding_dim} wide "
+                             f"(OPT's word_embed_proj_dim): use connector='input'")
         llm_width = llm.get_input_embeddings().embedding_dim
         if vpg.config.llm_hidden_size != llm_width:
             raise ValueError(f"the VPG projects to {vpg.config.llm_hidden_size} but the LLM's hidden size is "
@@ -83,7 +87,7 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = vision_tower.eval().requires_grad_(False) if vision_tower is not None else None
         self.vpg, self.llm, self.connector, self.tokenizer = vpg, llm, connector, tokenizer
         llm.requires_grad_(False)
-        if llm_dtype is not None:
+        if llm_dtype is not None and llm.dtype != LLM_DTYPES[llm_dtype]:  # as loaded: keeps fp32 islands
             llm.to(LLM_DTYPES[llm_dtype])
         if connector == "memory":
             apply_memvp(llm, vpg.config.num_query_tokens)
@@ -93,6 +97,12 @@ class VisionLanguageModel(nn.Module):
     @property
     def is_encoder_decoder(self) -> bool:
         return bool(self.llm.config.is_encoder_decoder)
+
+    def labelled_tokens(self, labels: Tensor) -> int:
+        """How many tokens of `labels` the loss scores: all of them after soft prompts or in a decoder;
+        with the memory connector the causal LM's own shift drops the first."""
+        scored = labels[:, 1:] if self.connector == "memory" else labels
+        return int((scored != IGNORE_INDEX).sum())
 
     def llm_patches(self) -> list[nn.Module]:
         """The trainable modules the connector and the adapters added to the LLM."""

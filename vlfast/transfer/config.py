@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from vlfast.models.vlm import LLM_DTYPES
 from vlfast.settings import add_fields, read_yaml
 
 DEFAULT = "default"  # the embedded default part (vlfast.defaults)
@@ -57,7 +58,7 @@ class TransferConfig:
     def __post_init__(self) -> None:
         checks = {
             "connector": (self.connector in ("input", "memory"), "input or memory"),
-            "llm_dtype": (self.llm_dtype in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+            "llm_dtype": (self.llm_dtype in LLM_DTYPES, " | ".join(LLM_DTYPES)),
             "metric": (self.metric in METRICS, " | ".join(METRICS)),
             "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),

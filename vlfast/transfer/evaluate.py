@@ -52,7 +52,7 @@ def lm_loss(model: VisionLanguageModel, split: Split, collate: CaptionCollator, 
         rows = torch.tensor([e.image for e in part])
         total += model(batch["input_ids"], batch["attention_mask"], batch["labels"], num_items_in_batch=1,
                        image_features=split.features[rows].to(device)).item()
-        tokens += collate.labelled_tokens(batch["labels"])
+        tokens += model.labelled_tokens(batch["labels"])
     return total / tokens
 
 
@@ -75,8 +75,7 @@ def generate(model: VisionLanguageModel, split: Split, prompts: list[Example], c
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for i, ids in zip(part, new.tolist(), strict=True):
-                ids = ids[:ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
-                texts[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                texts[i] = collate.decode(ids)
     return texts
 
 

@@ -83,7 +83,10 @@ def load_llm(value: str, option: str, default: str, dtype: str = "fp32"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     flag = "--" + option.replace("_", "-")
-    path = defaults.registry_llm(value) if value in defaults.REGISTRY_LLMS else _directory(option, value)
+    try:
+        path = defaults.registry_llm(value) if value in defaults.REGISTRY_LLMS else _directory(option, value)
+    except (ImportError, FileNotFoundError) as error:  # a registry LLM's package or its GGUF reader is missing
+        raise ValueError(f"{flag} {value}: {error}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
@@ -109,7 +112,10 @@ def prepare(config: TransferConfig) -> Parts:
     if config.vision == DEFAULT:
         tower = defaults.default_vision_tower()
     else:
-        tower = load_tower(_directory("vision", config.vision))
+        try:
+            tower = load_tower(_directory("vision", config.vision))
+        except ValueError as error:
+            raise ValueError(f"--vision {config.vision}: {error}") from error
     source_vpg = _source_vpg(config.source_vpg) if config.source_vpg else None
     source_llm, source_tokenizer = load_llm(config.source_llm, "source_llm", "source", config.llm_dtype)
     target_llm, target_tokenizer = load_llm(config.target_llm, "target_llm", "target", config.llm_dtype)
@@ -119,7 +125,7 @@ def prepare(config: TransferConfig) -> Parts:
                 family(llm)
             except TypeError as error:
                 raise ValueError(f"--{option.replace('_', '-')} {getattr(config, option)}: the memory connector "
-                                 f"and --mma patch its layers, but {error}") from error
+                                 f"and --mma patch the LLM's layers, but {error}") from error
     if source_vpg is not None:
         if source_vpg.config.vision_width != tower_width(tower):
             raise ValueError(f"--source-vpg {config.source_vpg} reads {source_vpg.config.vision_width}-wide image "
@@ -161,8 +167,9 @@ def _new_vpg(config: TransferConfig, tower: nn.Module, llm_width: int) -> VPG:
     return VPG(VPGConfig(qformer, config.num_query_tokens, llm_width, eps))
 
 
-def _model(config: TransferConfig, vpg: VPG, llm: nn.Module, tokenizer) -> VisionLanguageModel:
-    return VisionLanguageModel(None, vpg, llm, connector=config.connector, mma={} if config.mma else None,
+def _model(config: TransferConfig, tower: nn.Module, vpg: VPG, llm: nn.Module, tokenizer) -> VisionLanguageModel:
+    """Trained on cached features; the tower comes along so that the saved model reads images."""
+    return VisionLanguageModel(tower, vpg, llm, connector=config.connector, mma={} if config.mma else None,
                                tokenizer=tokenizer)
 
 
@@ -201,8 +208,8 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     source_vpg, results = parts.source_vpg, {}
     if source_vpg is None:
         torch.manual_seed(loop.seed_for(config.seed, SOURCE))
-        model = _model(config, _new_vpg(config, parts.tower, _llm_width(parts.source_llm)), parts.source_llm,
-                       parts.source_tokenizer)
+        vpg = _new_vpg(config, parts.tower, _llm_width(parts.source_llm))
+        model = _model(config, parts.tower, vpg, parts.source_llm, parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
                                          [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],
                                          context(parts.source_tokenizer, parts.source_llm))
@@ -219,7 +226,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     vpg.load_state_dict({k: v for k, v in source_vpg.state_dict().items() if not k.startswith("projector.")},
                         strict=False)
     vpg.projector = merge_projector(converter, source_vpg.projector)
-    model = _model(config, vpg, parts.target_llm, parts.target_tokenizer)
+    model = _model(config, parts.tower, vpg, parts.target_llm, parts.target_tokenizer)
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
                          _projector_and_patches, config.pformer_weight_stage1),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of, config.pformer_weight_stage2)]
@@ -229,7 +236,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
     if config.baseline:
         torch.manual_seed(loop.seed_for(config.seed, SCRATCH))
-        model = _model(config, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
+        model = _model(config, parts.tower, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
         results[SCRATCH] = loop.train_run(SCRATCH, model,
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of,
                                                       config.pformer_weight_stage2)],

@@ -144,7 +144,8 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         start = time.perf_counter()
         aligned = context.pformer is not None and stage.align_weight > 0
         for rows in order[progress["step"]:]:
-            lm, align = _step(network, rows, context, processes, autocast, stage.align_weight if aligned else 0.0)
+            lm, align = _step(model, network, rows, context, processes, autocast,
+                              stage.align_weight if aligned else 0.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lm, align, stopping = processes.sum([lm, align, context.signals.received is not None])
@@ -207,8 +208,8 @@ def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[
     return [rows for rows in order if len(rows) >= world]
 
 
-def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: Processes, autocast,
-          align_weight: float) -> tuple[float, float]:
+def _step(model: VisionLanguageModel, network: nn.Module, rows: torch.Tensor, context: Context,
+          processes: Processes, autocast, align_weight: float) -> tuple[float, float]:
     """Forward and backward of this process's share of one global batch; the loss is normalised by
     the batch's labelled tokens over all processes, so any number of processes gives the same
     gradient (DDP averages over processes, hence the factor `world`). With align_weight > 0, the
@@ -220,7 +221,7 @@ def _step(network: nn.Module, rows: torch.Tensor, context: Context, processes: P
     batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
     batch = {k: v.to(processes.device) for k, v in batch.items()}
     captions = [i for i, e in enumerate(examples) if not e.prompt]
-    tokens, caption_count = processes.sum([context.collate.labelled_tokens(batch["labels"]), len(captions)])
+    tokens, caption_count = processes.sum([model.labelled_tokens(batch["labels"]), len(captions)])
     features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
     with autocast:
         lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,

@@ -37,7 +37,8 @@ def build(results: dict[str, dict], metric: str, world: int, extra: dict) -> dic
         value, epoch = best(result["history"], metric)
         report["runs"][name] = {"best": value, "best_epoch": epoch, "epochs_to_target": None,
                                 "wall_s": result["wall_s"], "compute_hours": result["wall_s"] * world / 3600,
-                                "seconds_per_step": result["wall_s"] / result["steps"], "history": result["history"]}
+                                "seconds_per_step": result["wall_s"] / result["steps"] if result.get("steps") else None,
+                                "history": result["history"]}
     if "scratch" in results:
         scratch = report["runs"]["scratch"]
         target_epoch = scratch["best_epoch"]
@@ -69,7 +70,8 @@ def table(report: dict) -> str:
         lines.append(f"{e + 1:>5}  " + "   ".join(cells))
     if "converter" in report:
         converter = report["converter"]
-        steps = ", ".join(f"{name} {run['seconds_per_step']:.2f} s/step" for name, run in runs.items())
+        steps = ", ".join(f"{name} {run['seconds_per_step']:.2f} s/step" for name, run in runs.items()
+                          if run["seconds_per_step"] is not None)
         lines.append(f"\nword converter: {converter['token_pairs']} token pairs, "
                      f"1 - cos {converter['cosine_loss']:.3f}; {steps}")
     if "speedup" in report:
