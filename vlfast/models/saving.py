@@ -6,10 +6,11 @@
     tokenizer files
     llm/, vision/        the frozen parts, when copied
 
-A frozen part is referred to (the embedded default's part by name, a local directory or hub name by
-its `_name_or_path`) unless it has none (built in memory) or `copy_frozen` is set: then it is copied.
-A reference keeps a fingerprint of the weights, so that a directory or default that has changed
-since fails to load instead of silently changing the outputs.
+A frozen part is referred to (a local directory or hub name, by its `_name_or_path`) unless it has
+none (built in memory), is one of the embedded default's (tiny, and rebuilt differently by another
+vlfast version or machine) or `copy_frozen` is set: then it is copied. A reference keeps a
+fingerprint of the weights, so that a directory that has changed since fails to load instead of
+silently changing the outputs.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from vlfast.patch import is_patched, patch_module
 FORMAT = "vlfast.VisionLanguageModel"  # config.json's `format`: what tells this directory from a VPG's or HF's
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 EXPECTED = "expected a directory written by VisionLanguageModel.save_pretrained (config.json, model.safetensors)"
-DEFAULT_TOWER = "vision-tower"  # the embedded default tower's part name; the LMs' are defaults.LMS's keys
 
 
 def _patch_names(model: VisionLanguageModel) -> list[str]:
@@ -62,16 +62,6 @@ def _fingerprint(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _default_part(name_or_path: str) -> str | None:
-    """The embedded default's part name when `name_or_path` is where vlfast.defaults keeps it."""
-    if not name_or_path:
-        return None
-    parts = {DEFAULT_TOWER: defaults.cache_root() / DEFAULT_TOWER}
-    parts |= {name: defaults.cache_root() / f"lm-{name}" for name in defaults.LMS}
-    found = [name for name, path in parts.items() if Path(name_or_path).resolve() == path.resolve()]
-    return found[0] if found else None
-
-
 def _dtype(state: dict[str, Tensor]) -> torch.dtype:
     """A frozen part's dtype: its first floating-point tensor's."""
     return next(v.dtype for v in state.values() if v.is_floating_point())
@@ -79,15 +69,13 @@ def _dtype(state: dict[str, Tensor]) -> torch.dtype:
 
 def _reference(module: nn.Module, state: dict[str, Tensor], directory: Path, copy_to: str,
                copy_frozen: bool) -> dict:
-    """How to get `module` back: a default part, a directory or hub name, or a copy under directory/copy_to."""
+    """How to get `module` back: a directory or hub name, or a copy under directory/copy_to."""
     record = {"class": type(module).__name__, "fingerprint": _fingerprint(state)}
     name_or_path = str(getattr(module.config, "_name_or_path", "") or "")
-    default = _default_part(name_or_path)
-    if copy_frozen or not name_or_path:
+    embedded_default = name_or_path and Path(name_or_path).resolve().is_relative_to(defaults.cache_root().resolve())
+    if copy_frozen or not name_or_path or embedded_default:
         module.save_pretrained(directory / copy_to, state_dict=state)
         return {**record, "copy": copy_to}
-    if default is not None:
-        return {**record, "default": default}
     if Path(name_or_path).is_dir():
         return {**record, "path": str(Path(name_or_path).resolve())}
     return {**record, "path": name_or_path}  # a hub name, loaded as it was
@@ -132,24 +120,18 @@ def is_model_directory(directory: str | Path) -> bool:
 
 
 def _source(record: dict, directory: Path) -> str:
-    if "default" in record:
-        return f"the embedded default's {record['default']}"
     return str(directory / record["copy"]) if "copy" in record else record["path"]
 
 
 def _load_frozen(record: dict, directory: Path, what: str, dtype: torch.dtype) -> nn.Module:
     import transformers
 
-    if "default" in record:
-        part = record["default"]
-        module = (defaults.default_vision_tower() if part == DEFAULT_TOWER else defaults.default_lm(part)).to(dtype)
-    else:
-        source = _source(record, directory)
-        if ("copy" in record or Path(source).is_absolute()) and not Path(source).is_dir():
-            raise FileNotFoundError(f"{directory}: its {what}, {source}, is gone (save the model with "
-                                    f"copy_frozen=True to keep a copy of it)")
-        # Loaded in its dtype as vlfast.transfer loads it: transformers keeps a model's fp32 islands (T5's wo).
-        module = getattr(transformers, record["class"]).from_pretrained(source, dtype=dtype)
+    source = _source(record, directory)
+    if ("copy" in record or Path(source).is_absolute()) and not Path(source).is_dir():
+        raise FileNotFoundError(f"{directory}: its {what}, {source}, is gone (save the model with "
+                                f"copy_frozen=True to keep a copy of it)")
+    # Loaded in its dtype as vlfast.transfer loads it: transformers keeps a model's fp32 islands (T5's wo).
+    module = getattr(transformers, record["class"]).from_pretrained(source, dtype=dtype)
     return module.eval().requires_grad_(False)
 
 
