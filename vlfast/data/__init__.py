@@ -1,6 +1,14 @@
 """Data: the procedural `shapes` set, a COCO-format caption loader, and caption collation."""
 from vlfast.data.coco import CocoCaptions
 from vlfast.data.collate import IGNORE_INDEX, CaptionCollator
-from vlfast.data.shapes import Scene, ShapesDataset
 
 __all__ = ["IGNORE_INDEX", "CaptionCollator", "CocoCaptions", "Scene", "ShapesDataset"]
+
+
+def __getattr__(name: str):
+    # shapes is imported on first use, so that `python -m vlfast.data.shapes` runs it as a fresh module.
+    if name in ("Scene", "ShapesDataset"):
+        from vlfast.data import shapes
+
+        return getattr(shapes, name)
+    raise AttributeError(f"module 'vlfast.data' has no attribute {name!r}")

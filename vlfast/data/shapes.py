@@ -113,3 +113,39 @@ def vocabulary() -> list[str]:
              "what", "colour", "big", "top", "bottom", "left", "right", ":", "?"}
     words |= set(SHAPES) | set(COLOURS) | set(SIZES) | set(NUMBERS)
     return sorted(words)
+
+
+def render(directory: str, count: int, split: str = "test", seed: int = 0) -> list[tuple[str, Scene]]:
+    """Writes the first `count` scenes of a split as PNG files; returns (path, scene) pairs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(split, count, seed)
+    written = []
+    for i in range(count):
+        path = str(Path(directory) / f"{split}-{i}.png")
+        Image.fromarray(data[i].image.permute(1, 2, 0).numpy().astype(np.uint8)).save(path)
+        written.append((path, data[i]))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vlfast.data.shapes", description="the shapes data set")
+    commands = parser.add_subparsers(dest="command", required=True)
+    render_parser = commands.add_parser("render", help="scenes as PNG files, with a caption and a question each")
+    render_parser.add_argument("directory")
+    render_parser.add_argument("--count", type=int, default=2)
+    render_parser.add_argument("--split", choices=tuple(SPLITS), default="test")
+    render_parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path, scene in render(args.directory, args.count, args.split, args.seed):
+        question, answer = scene.questions[0]
+        print(f"{path}: {scene.captions[0]} | {question} {answer}")
+
+
+if __name__ == "__main__":
+    main()
