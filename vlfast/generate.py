@@ -77,12 +77,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[str]:
     """Prints and returns one answer per image."""
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        cli.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.temperature != 1.0 and not args.do_sample:
+        cli.error("--temperature applies to sampling: add --do-sample")
     decoding = ({"do_sample": True, "temperature": args.temperature, "num_beams": 1} if args.do_sample
                 else {"num_beams": args.num_beams, "do_sample": False})
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        images = read_images(args.image)  # a bad image fails before the model loads; a bad --model before it loads
+        images = read_images(args.image)  # a bad image fails before the model loads
         model = load_model(args.model, args.run).to(device)
         torch.manual_seed(args.seed)
         texts = answer(model, images, args.prompt, max_new_tokens=args.max_new_tokens, **decoding)

@@ -98,3 +98,12 @@ def test_bad_inputs_are_named_before_loading(tokenizer, tmp_path):
     save_config(TransferConfig(output_dir=str(run)), run)
     with pytest.raises(SystemExit, match="run/scratch/model holds no model: the scratch run of .* did not finish"):
         export([str(run), str(tmp_path / "out"), "--run", "scratch"])
+
+
+def test_bad_decoding_options_are_refused(tmp_path, capsys):
+    image = str(write_images(tmp_path / "images", count=1)[0])
+    for options, message in ((["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+                             (["--temperature", "0.5"], "--temperature applies to sampling: add --do-sample")):
+        with pytest.raises(SystemExit):
+            generate(["--model", str(tmp_path), "--image", image, *options])
+        assert message in capsys.readouterr().err
