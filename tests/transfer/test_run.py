@@ -241,7 +241,8 @@ def test_a_decoder_only_source_transferred_to_an_encoder_decoder_target(tiny_def
         history = report["runs"][run]["history"]
         assert len(history) == 2 and all(math.isfinite(h["val_loss"]) for h in history)
     assert VPG.from_pretrained(tmp_path / "run" / "transfer" / "vpg").config.llm_hidden_size == 40
-    with pytest.raises(SystemExit, match="the memory connector and --mma patch its layers, but .*model_type 't5'"):
+    refused = "the memory connector and --mma patch the LLM's layers, but .*model_type 't5'"
+    with pytest.raises(SystemExit, match=refused):
         main(["--preset", "smoke", "--target-llm", t5, "--connector", "memory", "--output-dir", str(tmp_path / "no")])
 
 
