@@ -143,8 +143,8 @@ def _train_lm(spec: LMSpec, tokenizer, directory: Path, progress: tqdm) -> None:
     (directory / "final_loss.json").write_text(json.dumps({"loss": loss.item()}))
 
 
-def default_lm(name: str, root: Path | None = None):
-    """The embedded 'source' or 'target' LM (trained once, then loaded), frozen, in eval mode."""
+def default_lm(name: str, root: Path | None = None, dtype: torch.dtype = torch.float32):
+    """The embedded 'source' or 'target' LM (trained once, then loaded in `dtype`), frozen, in eval mode."""
     from transformers import LlamaForCausalLM
 
     if name not in LMS:
@@ -158,7 +158,7 @@ def default_lm(name: str, root: Path | None = None):
             _train_lm(spec, tokenizer, directory, progress)
 
     path = _atomic_build(root / f"lm-{name}", build)
-    return LlamaForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
 
 
 def default_vision_tower(root: Path | None = None):

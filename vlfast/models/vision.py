@@ -57,8 +57,8 @@ def tower_width(tower: nn.Module) -> int:
 def tower_features(tower: nn.Module, pixel_values: Tensor) -> Tensor:
     """(B, N, C) features of a frozen tower (before a BLIP-2 tower's post_layernorm)."""
     dtype = next(tower.parameters()).dtype
-    if tower.config.model_type in POST_NORMED_TOWERS:
-        return tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states[-1]
+    if tower.config.model_type in POST_NORMED_TOWERS:  # its encoder's output, without keeping every layer's
+        return tower.encoder(inputs_embeds=tower.embeddings(pixel_values.to(dtype))).last_hidden_state
     return tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
 
 

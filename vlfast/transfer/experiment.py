@@ -79,7 +79,8 @@ def load_llm(value: str, option: str, default: str, dtype: str = "fp32"):
     in errors."""
     torch_dtype = LLM_DTYPES[dtype]
     if value == DEFAULT:
-        return defaults.default_lm(default).to(torch_dtype), defaults.shapes_tokenizer()
+        # Loaded in the dtype like any directory's LLM (a cast afterwards would also cast its buffers).
+        return defaults.default_lm(default, dtype=torch_dtype), defaults.shapes_tokenizer()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     flag = "--" + option.replace("_", "-")
