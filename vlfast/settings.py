@@ -13,7 +13,7 @@ CONFIG_NAME = "config.yaml"
 
 
 def _parse_type(annotation: str):
-    return {"int": int, "float": float, "str": str, "str | None": str}[annotation]
+    return {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}[annotation]
 
 
 def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -141,7 +141,25 @@ def main(argv: list[str] | None = None) -> None:
     render_parser.add_argument("--count", type=int, default=2)
     render_parser.add_argument("--split", choices=tuple(SPLITS), default="test")
     render_parser.add_argument("--seed", type=int, default=0)
+    export_parser = commands.add_parser(
+        "export", help="scenes in the official formats of the benchmarks python -m vlfast.evaluate reads, "
+                       "one folder per task")
+    export_parser.add_argument("directory")
+    export_parser.add_argument("--count", type=int, default=200, help="scenes (default: 200)")
+    export_parser.add_argument("--split", choices=tuple(SPLITS), default="test")
+    export_parser.add_argument("--seed", type=int, default=0)
+    export_parser.add_argument("--tasks", nargs="+", help="default: all six")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        from vlfast.data.shapes_benchmarks import WRITERS, export
+
+        try:
+            folders = export(args.directory, args.count, args.split, args.seed, tuple(args.tasks or WRITERS))
+        except ValueError as error:
+            parser.error(str(error))
+        for task, folder in folders.items():
+            print(f"{task}: {folder}  (python -m vlfast.evaluate --task {task} --data {folder} --model ...)")
+        return
     for path, scene in render(args.directory, args.count, args.split, args.seed):
         question, answer = scene.questions[0]
         print(f"{path}: {scene.captions[0]} | {question} {answer}")

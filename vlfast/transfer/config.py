@@ -7,11 +7,22 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from vlfast.evaluate.tasks import TASKS
 from vlfast.models.vlm import LLM_DTYPES
 from vlfast.settings import add_fields, read_yaml
 
 DEFAULT = "default"  # the embedded default part (vlfast.defaults)
 METRICS = {"val_loss": "min", "cider": "max", "qa_accuracy": "max"}  # name -> which way is better
+
+
+def direction(metric: str) -> str:
+    """min or max: which way `metric` is better (every benchmark score is higher-better)."""
+    return METRICS.get(metric, "max")
+
+
+def benchmark_metrics(task: str | None) -> list[str]:
+    """The scores of an --eval-task, as the runs' histories name them: <task>/<score>."""
+    return [f"{task}/{name}" for name in TASKS[task].metrics] if task in TASKS else []
 PRESETS = {  # smoke: a seconds-long run for tests
     "smoke": dict(train_images=64, val_images=16, epochs=2, source_epochs=1, batch_size=16, converter_epochs=1,
                   checkpoint_every=2),
@@ -39,7 +50,12 @@ class TransferConfig:
     stage1_lr_multiplier: float = 5.0
     min_lr_ratio: float = 0.5  # stage 2's cosine decay ends at lr * this (1e-4 -> 5e-5 in the paper)
     converter_epochs: int = 8
-    metric: str = "val_loss"  # the score behind the speed-up: val_loss | cider | qa_accuracy
+    metric: str = "val_loss"  # the score behind the speed-up: val_loss | cider | qa_accuracy | <eval_task>/<score>
+    # A benchmark scored after every epoch too, by `python -m vlfast.evaluate`'s code (its official files and metric).
+    eval_task: str | None = None  # vqav2 | okvqa | gqa | coco_caption | nocaps | scienceqa
+    eval_data: str | None = None  # its files' folder (e.g. DIR/<task> of `python -m vlfast.data.shapes export DIR`)
+    eval_prompt: str | None = None  # its prompt template; None: the task's (BLIP-2's); '{}' is the question
+    eval_limit: int | None = None  # only its first N questions (or images)
     # The VPG, when trained here.
     num_query_tokens: int = 8
     qformer_hidden: int = 64
@@ -59,7 +75,12 @@ class TransferConfig:
         checks = {
             "connector": (self.connector in ("input", "memory"), "input or memory"),
             "llm_dtype": (self.llm_dtype in LLM_DTYPES, " | ".join(LLM_DTYPES)),
-            "metric": (self.metric in METRICS, " | ".join(METRICS)),
+            "metric": (self.metric in METRICS or self.metric in benchmark_metrics(self.eval_task),
+                       " | ".join([*METRICS, *benchmark_metrics(self.eval_task)]) if self.eval_task
+                       else " | ".join(METRICS) + ", or a score of --eval-task T as T/<score>"),
+            "eval_task": (self.eval_task is None or self.eval_task in TASKS, " | ".join(TASKS)),
+            "eval_data": ((self.eval_task is None) == (self.eval_data is None), "given together with --eval-task"),
+            "eval_limit": (self.eval_limit is None or self.eval_limit > 0, "a positive number"),
             "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
             "epochs": (self.epochs >= 2, "at least 2 (stage 1 is one epoch)"),

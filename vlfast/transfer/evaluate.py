@@ -1,5 +1,6 @@
 """Validation scores of a vision-language model: LM loss, caption quality (CIDEr-D) and
-question-answering accuracy.
+question-answering accuracy on the run's own validation split, and optionally a benchmark's scores
+(`--eval-task`) computed by `python -m vlfast.evaluate`'s code.
 
 CIDEr-D comes from pycocoevalcap (the COCO caption evaluation code). Its PTB tokenizer needs Java,
 so texts are tokenised here instead: lower case, punctuation split off, which is what the PTB
@@ -8,11 +9,16 @@ tokenizer does to plain English captions.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from itertools import groupby
+from pathlib import Path
 
 import torch
 
 from vlfast.data.collate import CaptionCollator
+from vlfast.evaluate.common import Benchmark
+from vlfast.evaluate.run import Generation, evaluate_model, generation_details, write_results
+from vlfast.evaluate.tasks import Task, get_task, load_benchmark, numeric_scores
 from vlfast.models import VisionLanguageModel
 from vlfast.transfer.data import Example, Split
 
@@ -94,3 +100,27 @@ def evaluate(model: VisionLanguageModel, split: Split, collate: CaptionCollator,
         hits = [(a.split() or [""])[0] == q.target for a, q in zip(answers, questions, strict=True)]
         scores["qa_accuracy"] = sum(hits) / len(hits)
     return scores
+
+
+@dataclass(frozen=True)
+class BenchmarkEval:
+    """--eval-task on --eval-data: read (and checked) before training, scored after every epoch."""
+    task: Task
+    split: str
+    benchmark: Benchmark
+    generation: Generation
+
+    @classmethod
+    def load(cls, task: str, data: str, prompt: str | None, limit: int | None) -> BenchmarkEval:
+        chosen = get_task(task)
+        split, benchmark = load_benchmark(chosen, data, limit=limit)
+        return cls(chosen, split, benchmark, Generation.for_task(chosen, prompt=prompt))
+
+    def scores(self, model: VisionLanguageModel, batch_size: int, output_dir: Path) -> dict[str, float]:
+        """The task's scores as <task>/<score>; the predictions and scores are kept in output_dir."""
+        predictions, scores, seconds = evaluate_model(model, self.task, self.benchmark, self.generation,
+                                                      batch_size=batch_size, progress=False)
+        write_results(output_dir, self.task, self.split, predictions, scores,
+                      {"generation_s": round(seconds, 1), **generation_details(self.generation)})
+        return {f"{self.task.name}/{name}": value for name, value in numeric_scores(scores).items()
+                if name in self.task.metrics}

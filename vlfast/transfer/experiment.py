@@ -33,6 +33,7 @@ from vlfast.transfer.converter import (
 )
 from vlfast.transfer.data import Split, load_splits
 from vlfast.transfer.distributed import Processes
+from vlfast.transfer.evaluate import BenchmarkEval
 
 SOURCE, TRANSFER, SCRATCH = "source", "transfer", "scratch"
 
@@ -46,6 +47,7 @@ class Parts:
     target_tokenizer: object
     source_vpg: VPG | None  # given by --source-vpg; None: trained here
     pformer: PFormer | None = None  # given by --pformer: reference prompts for the target LLM
+    benchmark: BenchmarkEval | None = None  # --eval-task on --eval-data
 
 
 def _directory(option: str, value: str, path: str | None = None) -> Path:
@@ -136,7 +138,9 @@ def prepare(config: TransferConfig) -> Parts:
             raise ValueError(f"--source-vpg {config.source_vpg} projects to {source_vpg.config.llm_hidden_size} but "
                              f"the source LLM's hidden size is {width}: they were not trained together")
     pformer = _checked_pformer(config, target_llm, target_tokenizer, source_vpg) if config.pformer else None
-    return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg, pformer)
+    benchmark = (BenchmarkEval.load(config.eval_task, config.eval_data, config.eval_prompt, config.eval_limit)
+                 if config.eval_task else None)
+    return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg, pformer, benchmark)
 
 
 def _checked_pformer(config: TransferConfig, target_llm: nn.Module, target_tokenizer, source_vpg: VPG | None):
@@ -203,7 +207,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
 
     def context(tokenizer, llm: nn.Module) -> loop.Context:
         return loop.Context(config, processes, train, val, CaptionCollator.for_llm(tokenizer, llm), out, signals,
-                            parts.pformer)
+                            parts.pformer, parts.benchmark)
 
     # 1. The source VPG, trained on the source LLM unless given.
     source_vpg, results = parts.source_vpg, {}

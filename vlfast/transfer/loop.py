@@ -25,7 +25,7 @@ from vlfast.transfer import checkpoint
 from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.data import Split
 from vlfast.transfer.distributed import Processes
-from vlfast.transfer.evaluate import evaluate
+from vlfast.transfer.evaluate import BenchmarkEval, evaluate
 
 RESULT = "result.json"
 
@@ -74,6 +74,7 @@ class Context:
     output_dir: Path
     signals: StopSignals
     pformer: PFormer | None = None  # frozen; gives reference prompts for the captions
+    benchmark: BenchmarkEval | None = None  # scored after every epoch too
 
 
 def seed_for(*parts: object) -> int:
@@ -168,7 +169,11 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
                 raise Interrupted(context.signals.received or signal.SIGTERM, name, run_dir / "checkpoints")
         bar.close()
         progress["wall_s"] += time.perf_counter() - start
-        scores = evaluate(model, context.val, context.collate, config.batch_size, device) if processes.main else {}
+        scores = {}
+        if processes.main:
+            scores = evaluate(model, context.val, context.collate, config.batch_size, device)
+            if context.benchmark:
+                scores |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / f"epoch-{epoch + 1}")
         progress["history"].append({"epoch": epoch + 1, "stage": stage.name, "wall_s": round(progress["wall_s"], 3),
                                     **scores})
         if writer:

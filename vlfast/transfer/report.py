@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlfast.transfer.config import METRICS
+from vlfast.transfer.config import direction
 
 RUNS = ("scratch", "transfer")
 
 
 def better(metric: str, a: float, b: float) -> bool:
     """a at least as good as b."""
-    return a <= b if METRICS[metric] == "min" else a >= b
+    return a <= b if direction(metric) == "min" else a >= b
 
 
 def best(history: list[dict], metric: str) -> tuple[float, int]:
     """(best score, first epoch reaching it)."""
     scores = [h[metric] for h in history]
-    value = min(scores) if METRICS[metric] == "min" else max(scores)
+    value = min(scores) if direction(metric) == "min" else max(scores)
     return value, scores.index(value) + 1
 
 
@@ -31,7 +31,7 @@ def build(results: dict[str, dict], metric: str, world: int, extra: dict) -> dic
     first epoch the transfer run reaches it (stage 1 is an epoch); speedup_wall, the same ratio in
     training seconds, is also the ratio of compute-hours (both runs use the same processes; each
     run's compute_hours is in its entry)."""
-    report = {"target_metric": metric, "better": "lower" if METRICS[metric] == "min" else "higher",
+    report = {"target_metric": metric, "better": "lower" if direction(metric) == "min" else "higher",
               "processes": world, **extra, "runs": {}}
     for name, result in results.items():
         value, epoch = best(result["history"], metric)
@@ -55,10 +55,14 @@ def build(results: dict[str, dict], metric: str, world: int, extra: dict) -> dic
 
 
 def table(report: dict) -> str:
-    """Both runs' validation scores per epoch (loss, CIDEr-D, QA accuracy), and the speed-up."""
+    """Both runs' validation scores per epoch (loss, CIDEr-D, QA accuracy, and the target metric when
+    it is a benchmark's), and the speed-up."""
     runs = {n: report["runs"][n] for n in RUNS if n in report["runs"]}
     metric = report["target_metric"]
     columns = {"val_loss": "loss", "cider": "CIDEr", "qa_accuracy": "QA"}
+    if metric not in columns:
+        name = metric.rsplit("/", 1)[-1]
+        columns[metric] = {"accuracy": "acc", "image_accuracy": "img acc"}.get(name, name[:7])
     width = 8 * len(columns)
     lines = ["       " + "   ".join(f"{name:^{width}}" for name in runs),
              "epoch  " + "   ".join("".join(f"{c:>8}" for c in columns.values()) for _ in runs)]
