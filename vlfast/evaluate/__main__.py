@@ -48,7 +48,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     """Prints the scores; returns scores.json's content (on the main process)."""
-    from vlfast.evaluate.run import Generation, evaluate_model, generation_details, score, write_results
+    from vlfast.evaluate.run import (
+        Generation,
+        check_prompt,
+        evaluate_model,
+        generation_details,
+        score,
+        write_results,
+    )
 
     cli = parser()
     args = cli.parse_args(argv)
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                              length_penalty=args.length_penalty,
                                              repetition_penalty=args.repetition_penalty)
+            check_prompt(generation.prompt, benchmark.samples)
             from vlfast.export.load import load_model
             from vlfast.transfer import distributed
 

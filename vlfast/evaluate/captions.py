@@ -39,6 +39,8 @@ def load_coco_karpathy(root: Path, split: str, image_dir: Path | None = None) ->
     for index, entry in enumerate(entries):
         where = f"{path}: entry {index}"
         require(isinstance(entry, dict) and isinstance(entry.get("image"), str), where, "'image', a file name")
+        require(re.fullmatch(r"[0-9]+", Path(entry["image"]).stem.rsplit("_", 1)[-1]) is not None, where,
+                "'image', a COCO file name ending in _<image id>.jpg")
         captions = entry.get("caption")
         captions = [captions] if isinstance(captions, str) else captions
         require(isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions), where,
@@ -77,9 +79,10 @@ def load_nocaps(root: Path, split: str, image_dir: Path | None = None) -> Benchm
 
 
 def python_tokenize(text: str) -> str:
-    """The fallback tokenisation: lower case, words and numbers kept, PTB's dropped punctuation gone."""
+    """The fallback tokenisation: lower case, words and numbers kept, PTB's dropped punctuation gone
+    (a double quote too: PTB writes it `` or '', which it drops)."""
     return " ".join(t for t in re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]", text.lower())
-                    if t not in PTB_PUNCTUATION)
+                    if t not in PTB_PUNCTUATION and t != '"')
 
 
 def spice_problem() -> str | None:
@@ -94,39 +97,37 @@ def spice_problem() -> str | None:
     return None
 
 
-def caption_scores(references: dict, predictions: dict, *, spice: bool = True) -> dict:
-    """COCOEvalCap's metrics (fractions, as pycocoevalcap reports them) of one prediction per id
-    against that id's references; 'tokenizer' says how texts were tokenised, 'unavailable' names the
-    metrics that could not run and why."""
+def _tokenize(references: dict, predictions: dict, java: bool) -> tuple[dict, dict, str]:
+    """(references, predictions, how): every text tokenised as COCOEvalCap does, or by the fallback."""
+    ids = sorted(references)
+    if not java:
+        return ({i: [python_tokenize(c) for c in references[i]] for i in ids},
+                {i: [python_tokenize(predictions[i])] for i in ids},
+                "python fallback (no java on PATH): not comparable with published scores")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    return (tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids}),
+            tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids}),
+            "PTB (Stanford CoreNLP 3.4.1, pycocoevalcap)")
+
+
+def _metrics(gts: dict, res: dict, how: str, meteor, spice: bool) -> dict:
+    """COCOEvalCap's scorers on tokenised texts; meteor: a running METEOR scorer, None without Java."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    ids = sorted(references)
-    java = shutil.which("java") is not None
-    scores: dict = {"images": len(ids), "unavailable": {}}
-    if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tokenizer = PTBTokenizer()
-        gts = _quiet(tokenizer.tokenize, {i: [{"caption": c} for c in references[i]] for i in ids})
-        res = _quiet(tokenizer.tokenize, {i: [{"caption": predictions[i]}] for i in ids})
-        scores["tokenizer"] = "PTB (Stanford CoreNLP 3.4.1, pycocoevalcap)"
-    else:
-        gts = {i: [python_tokenize(c) for c in references[i]] for i in ids}
-        res = {i: [python_tokenize(predictions[i])] for i in ids}
-        scores["tokenizer"] = "python fallback (no java on PATH): not comparable with published scores"
+    scores: dict = {"images": len(gts), "unavailable": {}, "tokenizer": how}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores |= {f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
-    if java:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    if meteor is not None:
+        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
     else:
         scores["unavailable"]["METEOR"] = "needs java on PATH"
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    problem = "needs java on PATH" if not java else spice_problem() if spice else "not asked for"
+    problem = "needs java on PATH" if meteor is None else spice_problem() if spice else "not asked for"
     if problem is None:
         from pycocoevalcap.spice.spice import Spice
 
@@ -139,13 +140,30 @@ def caption_scores(references: dict, predictions: dict, *, spice: bool = True) -
     return scores
 
 
-def _quiet(tokenize, captions: dict) -> dict:
-    """PTBTokenizer.tokenize without the line it prints to stderr for every call."""
-    import contextlib
-    import io
+def grouped_caption_scores(references: dict, predictions: dict, groups: dict[str, list] | None = None, *,
+                           spice: bool = True) -> dict:
+    """COCOEvalCap's metrics (fractions, as pycocoevalcap reports them) of one prediction per id
+    against that id's references, for all ids and for each group of ids on its own (CIDEr's IDF from
+    the group's references). Texts are tokenised once and METEOR started once. 'tokenizer' says how
+    texts were tokenised, 'unavailable' names the metrics that could not run and why."""
+    java = shutil.which("java") is not None
+    gts, res, how = _tokenize(references, predictions, java)
+    meteor = None
+    if java:
+        from pycocoevalcap.meteor.meteor import Meteor
 
-    with contextlib.redirect_stderr(io.StringIO()):
-        return tokenize(captions)
+        meteor = Meteor()
+    scores = {}
+    for group, ids in (groups or {}).items():
+        if ids:
+            scores[group] = _metrics({i: gts[i] for i in ids}, {i: res[i] for i in ids}, how, meteor, spice)
+    scores["overall"] = _metrics(gts, res, how, meteor, spice)
+    return scores
+
+
+def caption_scores(references: dict, predictions: dict, *, spice: bool = True) -> dict:
+    """grouped_caption_scores of all ids together."""
+    return grouped_caption_scores(references, predictions, spice=spice)["overall"]
 
 
 def score_coco(benchmark: Benchmark, predictions: dict) -> dict:
@@ -157,13 +175,8 @@ def score_coco(benchmark: Benchmark, predictions: dict) -> dict:
 def score_nocaps(benchmark: Benchmark, predictions: dict) -> dict:
     """Each domain scored on its own (CIDEr's IDF from that domain's references, as VPGTrans's
     nocaps task does), then all images together."""
-    scores = {}
-    for domain in NOCAPS_DOMAINS:
-        ids = [i for i, d in benchmark.groups.items() if d == domain]
-        if ids:
-            scores[domain] = caption_scores({i: benchmark.references[i] for i in ids}, predictions)
-    scores["overall"] = caption_scores(benchmark.references, predictions)
-    return scores
+    domains = {domain: [i for i, d in benchmark.groups.items() if d == domain] for domain in NOCAPS_DOMAINS}
+    return grouped_caption_scores(benchmark.references, predictions, domains)
 
 
 def write_captions(predictions: dict, path: Path) -> None:

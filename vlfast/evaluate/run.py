@@ -63,6 +63,12 @@ def prompt_text(template: str, sample: Sample) -> str:
                          f"not {error}") from error
 
 
+def check_prompt(template: str, samples: list[Sample]) -> None:
+    """Every sample's prompt can be made (before any model loads)."""
+    for sample in samples:
+        prompt_text(template, sample)
+
+
 class _Pixels(torch.utils.data.Dataset):
     """A sample's image, resized and normalised as the model trains on; a blank image (zeros, as
     LaVIN feeds text-only questions) where it has none."""

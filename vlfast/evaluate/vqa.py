@@ -56,6 +56,7 @@ def load_vqa(root: Path, split: str, image_dir: Path | None = None, *, okvqa: bo
                                                                for x in answers),
                 where, "'answers', a list of {answer: str, ...}")
         require(isinstance(a.get("answer_type"), str), where, "a string 'answer_type'")
+        require(isinstance(a.get("question_type"), str), where, "a string 'question_type'")  # scores are kept by it
         references[a["question_id"]] = a
     unanswered = [s.id for s in samples if s.id not in references]
     require(not unanswered, str(annotations_file),

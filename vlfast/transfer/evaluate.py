@@ -17,7 +17,7 @@ import torch
 
 from vlfast.data.collate import CaptionCollator
 from vlfast.evaluate.common import Benchmark
-from vlfast.evaluate.run import Generation, evaluate_model, generation_details, write_results
+from vlfast.evaluate.run import Generation, check_prompt, evaluate_model, generation_details, write_results
 from vlfast.evaluate.tasks import Task, get_task, load_benchmark, numeric_scores
 from vlfast.models import VisionLanguageModel
 from vlfast.transfer.data import Example, Split
@@ -114,7 +114,9 @@ class BenchmarkEval:
     def load(cls, task: str, data: str, prompt: str | None, limit: int | None) -> BenchmarkEval:
         chosen = get_task(task)
         split, benchmark = load_benchmark(chosen, data, limit=limit)
-        return cls(chosen, split, benchmark, Generation.for_task(chosen, prompt=prompt))
+        generation = Generation.for_task(chosen, prompt=prompt)
+        check_prompt(generation.prompt, benchmark.samples)
+        return cls(chosen, split, benchmark, generation)
 
     def scores(self, model: VisionLanguageModel, batch_size: int, output_dir: Path) -> dict[str, float]:
         """The task's scores as <task>/<score>; the predictions and scores are kept in output_dir."""
