@@ -116,16 +116,18 @@ def test_transfer_scores_a_benchmark_every_epoch(tiny_defaults, benchmarks, tmp_
     from vlfast.transfer.__main__ import main as transfer
 
     out = tmp_path / "run"
-    report = transfer(["--preset", "smoke", "--eval-task", "coco_caption", "--eval-data",
-                       str(benchmarks["coco_caption"]), "--eval-prompt", "", "--eval-limit", "6",
-                       "--metric", "coco_caption/CIDEr", "--output-dir", str(out)])
-    assert report["target_metric"] == "coco_caption/CIDEr" and report["better"] == "higher"
+    report = transfer(["--preset", "smoke", "--eval-task", "gqa", "--eval-data", str(benchmarks["gqa"]),
+                       "--eval-prompt", "{}", "--eval-limit", "20", "--metric", "gqa/accuracy_exact",
+                       "--output-dir", str(out)])
+    assert report["target_metric"] == "gqa/accuracy_exact" and report["better"] == "higher"
     for run in ("transfer", "scratch"):
         history = report["runs"][run]["history"]
-        assert all(isinstance(h["coco_caption/CIDEr"], float) for h in history)
+        assert all(isinstance(h["gqa/accuracy_exact"], float) and isinstance(h["gqa/accuracy"], float)
+                   for h in history)
         saved = json.loads((out / run / "eval" / f"epoch-{len(history)}" / "scores.json").read_text())
-        assert saved["scores"]["CIDEr"] == history[-1]["coco_caption/CIDEr"]
-    assert "coco_caption/CIDEr" in (out / "report.md").read_text()
+        assert saved["scores"]["accuracy_exact"] == history[-1]["gqa/accuracy_exact"]
+        assert saved["scores"]["questions"] == 20
+    assert "gqa/accuracy_exact" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("arguments, message", [
