@@ -141,3 +141,14 @@ def test_transfer_refuses_bad_eval_settings(tiny_defaults, tmp_path, arguments, 
 
     with pytest.raises(SystemExit, match=message.replace("|", r"\|")):
         transfer(["--preset", "smoke", "--output-dir", str(tmp_path / "run"), *arguments])
+
+
+def test_an_exported_blip2_directory_answers_as_the_run(models, benchmarks, tmp_path):
+    from vlfast.export.__main__ import main as export
+
+    export([str(models["trained"]), str(tmp_path / "blip2")])
+    files = {}
+    for name, model in (("run", models["trained"]), ("blip2", tmp_path / "blip2")):
+        result = evaluate(model, "gqa", benchmarks["gqa"], tmp_path / name, "--limit", "13", "--num-beams", "2")
+        files[name] = (tmp_path / name / result["predictions"]).read_text()
+    assert files["blip2"] == files["run"]
