@@ -102,7 +102,7 @@ def load_gqa(root: Path, split: str, image_dir: Path | None = None) -> Benchmark
         if "answer" in q:
             require(isinstance(q["answer"], str), where, "a string 'answer'")
             references[qid] = {"answer": q["answer"],
-                               "kind": "open" if q.get("types", {}).get("structural") == "query" else "binary"}
+                               "kind": "open" if (q.get("types") or {}).get("structural") == "query" else "binary"}
     require(not references or len(references) == len(samples), str(path), "an 'answer' for every balanced question")
     return Benchmark(samples, references or None)
 
