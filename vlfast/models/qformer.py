@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from vlfast.ops import cross_attention
@@ -105,6 +106,7 @@ class QFormer(nn.Module):
         # Keys and values of every cross-attention layer from one product over the image features:
         # rows [2 j H, 2 j H + H) are layer j's keys, the next H its values.
         self.cross_key_value = nn.Linear(config.encoder_hidden_size, 2 * config.hidden_size * len(cross))
+        self.gradient_checkpointing = False  # recompute each layer in the backward pass instead of keeping it
 
     def forward(self, query_embeds: Tensor, image_features: Tensor, image_mask: Tensor | None = None) -> Tensor:
         if image_features.dim() != 3 or image_features.shape[-1] != self.config.encoder_hidden_size:
@@ -116,7 +118,10 @@ class QFormer(nn.Module):
         per_layer = iter(_heads(part, heads) for part in kv.split(self.config.hidden_size, dim=-1))
         for layer in self.layers:
             cross_kv = (next(per_layer), next(per_layer)) if layer.has_cross_attention else None
-            x = layer(x, cross_kv, image_mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cross_kv, image_mask, use_reentrant=False)
+            else:
+                x = layer(x, cross_kv, image_mask)
         return x
 
     @classmethod

@@ -108,6 +108,20 @@ class VisionLanguageModel(nn.Module):
         """The trainable modules the connector and the adapters added to the LLM."""
         return [patch_module(self.llm, kind) for kind in ("memvp", "mma") if is_patched(self.llm, kind)]
 
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the Q-Former's and the frozen LLM's layer activations in the backward pass instead
+        of keeping them (the LLM's through transformers). Input connector without MMA adapters only:
+        MemVP's prompts and the adapters' routing are set around the forward pass and would be gone
+        when the backward pass recomputes it."""
+        if enabled and (self.connector == "memory" or is_patched(self.llm, "mma")):
+            raise ValueError("gradient checkpointing needs the input connector and no MMA adapters: MemVP's prompts "
+                             "and the adapters' routing are gone when the backward pass recomputes the LLM's layers")
+        self.vpg.qformer.gradient_checkpointing = enabled
+        if enabled:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.llm.is_gradient_checkpointing:
+            self.llm.gradient_checkpointing_disable()
+
     def release_llm(self) -> nn.Module:
         """Undo this model's patches on the LLM (last applied first), so that it can join another
         model; returns it."""
@@ -115,6 +129,8 @@ class VisionLanguageModel(nn.Module):
             revert_mma(self.llm)
         if is_patched(self.llm, "memvp"):
             revert_memvp(self.llm)
+        if self.llm.is_gradient_checkpointing:
+            self.llm.gradient_checkpointing_disable()
         return self.llm.requires_grad_(False)
 
     def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:

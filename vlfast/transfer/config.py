@@ -46,6 +46,9 @@ class TransferConfig:
     epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
     source_epochs: int = 10  # the source VPG's training, when it is trained here (not part of the transfer's cost)
     batch_size: int = 64  # global: split across processes under torchrun
+    grad_accum: int = 1  # batches accumulated per optimizer step: a step sees batch_size x grad_accum examples
+    grad_checkpointing: bool = False  # recompute the Q-Former's and the frozen LLM's activations in the backward pass
+    max_grad_norm: float = 0.0  # clip the trained parameters' gradient norm to this before each step; 0: no clipping
     lr: float = 1e-3
     stage1_lr_multiplier: float = 5.0
     min_lr_ratio: float = 0.5  # stage 2's cosine decay ends at lr * this (1e-4 -> 5e-5 in the paper)
@@ -84,12 +87,16 @@ class TransferConfig:
             "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
             "epochs": (self.epochs >= 2, "at least 2 (stage 1 is one epoch)"),
+            "grad_checkpointing": (not self.grad_checkpointing or (self.connector == "input" and not self.mma),
+                                   "off with the memory connector or --mma (their per-batch state is gone when the "
+                                   "backward pass recomputes the LLM)"),
         }
         checks |= {name: (getattr(self, name) > 0, "a positive number")
                    for name in ("train_images", "val_images", "source_epochs", "batch_size", "lr",
-                                "stage1_lr_multiplier", "converter_epochs", "num_query_tokens", "checkpoint_every")}
+                                "stage1_lr_multiplier", "converter_epochs", "num_query_tokens", "checkpoint_every",
+                                "grad_accum")}
         checks |= {name: (getattr(self, name) >= 0, "0 or more")
-                   for name in ("pformer_weight_stage1", "pformer_weight_stage2")}
+                   for name in ("pformer_weight_stage1", "pformer_weight_stage2", "max_grad_norm")}
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")

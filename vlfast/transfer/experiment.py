@@ -174,8 +174,10 @@ def _new_vpg(config: TransferConfig, tower: nn.Module, llm_width: int) -> VPG:
 
 def _model(config: TransferConfig, tower: nn.Module, vpg: VPG, llm: nn.Module, tokenizer) -> VisionLanguageModel:
     """Trained on cached features; the tower comes along so that the saved model reads images."""
-    return VisionLanguageModel(tower, vpg, llm, connector=config.connector, mma={} if config.mma else None,
-                               tokenizer=tokenizer)
+    model = VisionLanguageModel(tower, vpg, llm, connector=config.connector, mma={} if config.mma else None,
+                                tokenizer=tokenizer)
+    model.gradient_checkpointing(config.grad_checkpointing)
+    return model
 
 
 def _patch_parameters(model: VisionLanguageModel) -> list[nn.Parameter]:

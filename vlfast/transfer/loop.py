@@ -10,6 +10,7 @@ import signal
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     trained = {id(p) for stage in stages for p in stage.trainable(model)}
     trainable_names = sorted(n for n, p in by_name.items() if id(p) in trained)
     plan = [index for index, stage in enumerate(stages) for _ in range(stage.epochs)]  # each epoch's stage
-    steps_per_epoch = len(_batches(len(context.train.examples), config.batch_size, processes.world))
+    steps_per_epoch = len(_steps(len(context.train.examples), config.batch_size, config.grad_accum, processes.world))
     # Progress: epochs done and steps into the next; a checkpoint adds the RNG and its stage's optimizer.
     progress = {"epoch": 0, "step": 0, "history": [], "wall_s": 0.0}
     resumed = {}
@@ -138,15 +139,18 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
                 scheduler.load_state_dict(resumed["scheduler"])
             network = DistributedDataParallel(model) if processes.world > 1 else model
         model.train()
-        order = _batches(len(context.train.examples), config.batch_size, processes.world,
-                         seed_for(config.seed, name, epoch))
+        order = _steps(len(context.train.examples), config.batch_size, config.grad_accum, processes.world,
+                       seed_for(config.seed, name, epoch))
         bar = tqdm(total=steps_per_epoch, initial=progress["step"], leave=False, disable=not processes.main,
                    desc=f"{name} {stage.name} epoch {epoch + 1}/{len(plan)}")
         start = time.perf_counter()
         aligned = context.pformer is not None and stage.align_weight > 0
-        for rows in order[progress["step"]:]:
-            lm, align = _step(model, network, rows, context, processes, autocast,
+        for batches in order[progress["step"]:]:
+            lm, align = _step(model, network, batches, context, processes, autocast,
                               stage.align_weight if aligned else 0.0)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lm, align, stopping = processes.sum([lm, align, context.signals.received is not None])
@@ -206,40 +210,49 @@ def _start_stage(model: VisionLanguageModel, stage: Stage, steps: int, min_lr_ra
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, steps, min_lr_ratio))
 
 
-def _batches(examples: int, batch_size: int, world: int, seed: int = 0) -> list[torch.Tensor]:
-    """One epoch's global batches in a seeded order; a last batch too small to give every
-    process a share is dropped."""
+def _steps(examples: int, batch_size: int, grad_accum: int, world: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """One epoch's optimizer steps, each `grad_accum` consecutive global batches of a seeded order
+    (the last step may have fewer); a last batch too small to give every process a share is dropped.
+    The steps of (batch_size b, grad_accum n) hold the examples of (b * n, 1) in the same order."""
     order = torch.randperm(examples, generator=torch.Generator().manual_seed(seed)).split(batch_size)
-    return [rows for rows in order if len(rows) >= world]
+    batches = [rows for rows in order if len(rows) >= world]
+    return [batches[start:start + grad_accum] for start in range(0, len(batches), grad_accum)]
 
 
-def _step(model: VisionLanguageModel, network: nn.Module, rows: torch.Tensor, context: Context,
+def _step(model: VisionLanguageModel, network: nn.Module, batches: list[torch.Tensor], context: Context,
           processes: Processes, autocast, align_weight: float) -> tuple[float, float]:
-    """Forward and backward of this process's share of one global batch; the loss is normalised by
-    the batch's labelled tokens over all processes, so any number of processes gives the same
-    gradient (DDP averages over processes, hence the factor `world`). With align_weight > 0, the
-    P-Former alignment loss on the batch's captions (examples without a prompt) joins it, normalised
-    over all processes' captions. Returns this process's parts of the batch's LM loss and alignment
-    loss (over processes they sum to the batch's)."""
-    mine = rows[processes.rank::processes.world]
-    examples = [context.train.examples[i] for i in mine.tolist()]
-    batch = context.collate.tokenize([e.target for e in examples], [e.prompt for e in examples])
-    batch = {k: v.to(processes.device) for k, v in batch.items()}
-    captions = [i for i, e in enumerate(examples) if not e.prompt]
-    tokens, caption_count = processes.sum([model.labelled_tokens(batch["labels"]), len(captions)])
-    features = context.train.features[torch.tensor([e.image for e in examples])].to(processes.device)
-    with autocast:
-        lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"], image_features=features,
-                              num_items_in_batch=tokens, return_prompts=True)
-    align = torch.zeros((), device=processes.device)
-    if align_weight > 0 and captions:
-        ids, mask = caption_ids(context.collate.tokenizer, [examples[i].target for i in captions],
-                                context.pformer.config.max_length)
-        with torch.no_grad():
-            reference = context.pformer(ids.to(processes.device), mask.to(processes.device))
-        align = alignment_loss(prompts[captions], reference, caption_count * reference[0].numel())
-    ((lm + align_weight * align) * processes.world).backward()
-    return lm.item(), align.item()
+    """Forward and backward of this process's share of one optimizer step's global batches (more
+    than one with gradient accumulation). The loss is normalised by the labelled tokens of all of
+    them over all processes, so any number of processes and any split into accumulated batches give
+    the gradient of one batch (DDP averages over processes, hence the factor `world`; it
+    synchronises after the last batch only). With align_weight > 0, the P-Former alignment loss on
+    the captions (examples without a prompt) joins it, normalised over all captions. Returns this
+    process's parts of the step's LM loss and alignment loss (over processes they sum to the step's)."""
+    shares = [[context.train.examples[i] for i in rows[processes.rank::processes.world].tolist()] for rows in batches]
+    tokenized = [context.collate.tokenize([e.target for e in share], [e.prompt for e in share]) for share in shares]
+    captions = [[i for i, e in enumerate(share) if not e.prompt] for share in shares]
+    tokens, caption_count = processes.sum([sum(model.labelled_tokens(t["labels"]) for t in tokenized),
+                                           sum(len(c) for c in captions)])
+    lm_total = align_total = 0.0
+    for k, (share, batch, mine) in enumerate(zip(shares, tokenized, captions, strict=True)):
+        batch = {key: value.to(processes.device) for key, value in batch.items()}
+        features = context.train.features[torch.tensor([e.image for e in share])].to(processes.device)
+        last = k == len(shares) - 1
+        with nullcontext() if last or processes.world == 1 else network.no_sync():
+            with autocast:
+                lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      image_features=features, num_items_in_batch=tokens, return_prompts=True)
+            align = torch.zeros((), device=processes.device)
+            if align_weight > 0 and mine:
+                ids, mask = caption_ids(context.collate.tokenizer, [share[i].target for i in mine],
+                                        context.pformer.config.max_length)
+                with torch.no_grad():
+                    reference = context.pformer(ids.to(processes.device), mask.to(processes.device))
+                align = alignment_loss(prompts[mine], reference, caption_count * reference[0].numel())
+            ((lm + align_weight * align) * processes.world).backward()
+        lm_total += lm.item()
+        align_total += align.item()
+    return lm_total, align_total
 
 
 def _writer(context: Context, name: str, purge_step: int | None):

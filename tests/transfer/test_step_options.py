@@ -1,0 +1,77 @@
+"""Gradient accumulation, clipping and checkpointing in `python -m vlfast.transfer`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.transfer.conftest import run_cli
+from vlfast.transfer.__main__ import main
+from vlfast.transfer.loop import _steps
+
+ARGUMENTS = ["--preset", "smoke", "--no-baseline"]
+
+
+def weights(out, run: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / run / "vpg" / "model.safetensors"))
+
+
+def test_steps_of_accumulated_batches_hold_the_large_batches_examples():
+    large = _steps(100, 16, 1, world=1, seed=3)
+    small = _steps(100, 4, 4, world=1, seed=3)
+    assert len(large) == len(small) == 7
+    assert [torch.cat(step).tolist() for step in small] == [torch.cat(step).tolist() for step in large]
+
+
+def test_accumulating_four_batches_equals_one_batch_four_times_as_large(tiny_defaults, tmp_path):
+    large = main([*ARGUMENTS, "--batch-size", "16", "--output-dir", str(tmp_path / "large")])
+    small = main([*ARGUMENTS, "--batch-size", "4", "--grad-accum", "4", "--output-dir", str(tmp_path / "small")])
+    assert small["runs"]["transfer"]["history"][0]["val_loss"] == pytest.approx(
+        large["runs"]["transfer"]["history"][0]["val_loss"], rel=1e-5)
+    for run in ("source", "transfer"):
+        expected, actual = weights(tmp_path / "large", run), weights(tmp_path / "small", run)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    # Without accumulation, batches of 4 take four times the steps and end elsewhere.
+    main([*ARGUMENTS, "--batch-size", "4", "--output-dir", str(tmp_path / "alone")])
+    steps = {name: json.loads((tmp_path / name / "transfer" / "result.json").read_text())["steps"]
+             for name in ("alone", "small", "large")}
+    assert steps["alone"] == 4 * steps["small"] == 4 * steps["large"] == 64
+    assert not torch.allclose(weights(tmp_path / "alone", "transfer")["projector.weight"],
+                              weights(tmp_path / "large", "transfer")["projector.weight"], atol=1e-3)
+
+
+def test_clipping_changes_the_run_and_bad_values_are_refused(tiny_defaults, tmp_path):
+    main([*ARGUMENTS, "--output-dir", str(tmp_path / "free")])
+    main([*ARGUMENTS, "--max-grad-norm", "1e-4", "--output-dir", str(tmp_path / "clipped")])
+    assert not torch.allclose(weights(tmp_path / "free", "source")["projector.weight"],
+                              weights(tmp_path / "clipped", "source")["projector.weight"], atol=1e-4)
+    for option, value, message in (("--grad-accum", "0", "grad_accum must be a positive number, got 0"),
+                                   ("--max-grad-norm", "-1", "max_grad_norm must be 0 or more, got -1.0")):
+        with pytest.raises(SystemExit, match=message):
+            main([*ARGUMENTS, option, value, "--output-dir", str(tmp_path / "bad")])
+
+
+def test_two_processes_accumulating_reach_one_process_with_the_whole_batch(tiny_defaults, tmp_path):
+    """DDP skips the gradient all-reduce on all but the last accumulated batch (no_sync)."""
+    one = run_cli(tiny_defaults, *ARGUMENTS, "--batch-size", "16", "--output-dir", str(tmp_path / "one"))
+    two = run_cli(tiny_defaults, *ARGUMENTS, "--batch-size", "8", "--grad-accum", "2", "--output-dir",
+                  str(tmp_path / "two"), nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    for run in ("source", "transfer"):
+        expected, actual = weights(tmp_path / "one", run), weights(tmp_path / "two", run)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+
+
+def test_checkpointing_trains_to_the_same_weights(tiny_defaults, tmp_path):
+    main([*ARGUMENTS, "--output-dir", str(tmp_path / "kept")])
+    main([*ARGUMENTS, "--grad-checkpointing", "--output-dir", str(tmp_path / "recomputed")])
+    for run in ("source", "transfer"):
+        expected, actual = weights(tmp_path / "kept", run), weights(tmp_path / "recomputed", run)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    with pytest.raises(SystemExit, match="grad_checkpointing must be off with the memory connector or --mma"):
+        main([*ARGUMENTS, "--grad-checkpointing", "--connector", "memory", "--output-dir", str(tmp_path / "bad")])
