@@ -152,3 +152,30 @@ def test_an_exported_blip2_directory_answers_as_the_run(models, benchmarks, tmp_
         result = evaluate(model, "gqa", benchmarks["gqa"], tmp_path / name, "--limit", "13", "--num-beams", "2")
         files[name] = (tmp_path / name / result["predictions"]).read_text()
     assert files["blip2"] == files["run"]
+
+
+def test_scoring_a_file_needs_no_images(benchmarks, tmp_path):
+    import shutil
+
+    data = tmp_path / "vqav2"
+    shutil.copytree(benchmarks["vqav2"], data, ignore=shutil.ignore_patterns("*.jpg"))
+    annotations = json.loads((data / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    right = tmp_path / "right.json"
+    right.write_text(json.dumps([{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]}
+                                 for a in annotations]))
+    scored = main(["--predictions", str(right), "--task", "vqav2", "--data", str(data), "--output-dir",
+                   str(tmp_path / "out")])
+    assert scored["scores"]["accuracy"] == 100.0
+
+
+def test_scienceqa_mini_splits_read_images_from_the_problems_split(benchmarks, tmp_path):
+    import shutil
+
+    from vlfast.evaluate.tasks import TASKS, load_benchmark
+
+    data = tmp_path / "scienceqa"
+    shutil.copytree(benchmarks["scienceqa"], data)
+    splits = json.loads((data / "pid_splits.json").read_text())
+    (data / "pid_splits.json").write_text(json.dumps({**splits, "minitest": splits["test"][:3]}))
+    _, benchmark = load_benchmark(TASKS["scienceqa"], data, "minitest")
+    assert [s.image.parent.parent.name for s in benchmark.samples] == ["test"] * 3

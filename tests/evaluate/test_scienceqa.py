@@ -29,7 +29,7 @@ COLOURS = ["blue", "red", "green"]
     ("purple", COLOURS, (None, "unparsable")),
     ("it is red", COLOURS, (None, "unparsable")),  # not equal to an option
     ("I think it is red", COLOURS, (None, "letter")),  # a leading capital and a space read as a letter (I): wrong
-    ("A red one", ["a red one", "a blue one"], (0, "letter")),  # ... which can also happen to be right
+    ("A red one", ["a red one", "a blue one"], (0, "text")),  # an option's exact text wins over its leading capital
     ("red", ["red", "Red.", "blue"], (None, "unparsable")),  # equal to two options
     ("", COLOURS, (None, "unparsable")),
     ("Bob", ["Bob", "Alice"], (0, "text")),  # a capital starting a word is no letter
@@ -58,7 +58,7 @@ PROBLEMS = {
 PREDICTIONS = {
     "1": "The answer is A.",  # right, letter
     "2": "B",  # right, letter
-    "3": "(A) 0 C",  # wrong, letter
+    "3": "(A) 0 C",  # wrong, text: "(A)" goes with the punctuation and the article "a", leaving option A's text
     "4": "D",  # wrong: past the last of three options
     "5": "red",  # right, text
     "6": "purple",  # wrong, unparsable
@@ -101,7 +101,7 @@ def test_scores_by_hand(problems):
     }
     assert list(scores["per_group"]) == list(GROUPS)
     assert scores["questions"] == 6
-    assert scores["read_as"] == {"letter": 4, "text": 1, "unparsable": 1}
+    assert scores["read_as"] == {"letter": 3, "text": 2, "unparsable": 1}
 
 
 def test_empty_group_is_none(problems):
@@ -116,3 +116,9 @@ def test_no_image_accuracy_without_images(tmp_path):
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["4", "5"]}))
     scores = score_scienceqa(load_scienceqa(tmp_path, "test"), {"4": "The answer is A.", "5": "The answer is A."})
     assert scores["accuracy"] == 50.0 and scores["image_accuracy"] is None
+
+
+def test_an_answer_that_is_an_option_with_an_article_is_that_option_not_a_letter():
+    from vlfast.evaluate.scienceqa import parse_choice
+
+    assert parse_choice("A square", ["circle", "square", "triangle"]) == (1, "text")

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     rule = args.vqa_rule or (task.rules[0] if task.rules else None)
     processes = None
     try:
-        split, benchmark = load_benchmark(task, args.data, args.split, args.image_dir, args.limit)
+        split, benchmark = load_benchmark(task, args.data, args.split, args.image_dir, args.limit,
+                                          check_images=not args.predictions)  # scoring a file needs no image
         output_dir = Path(args.output_dir or f"eval/{task.name}-{split}")
         details = {"data": str(Path(args.data).resolve()), "limit": args.limit, "rule": rule}
         if args.predictions:

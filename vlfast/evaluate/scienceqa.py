@@ -2,10 +2,11 @@
 images at `images/{split}/{pid}/image.png`; the prompt in LaVIN's QCM format; multiple-choice
 accuracy overall, on the image questions, and LaVIN's breakdown.
 
-The answer is read from the generated text: "The answer is X" or a leading option letter (MemVP's
-and LaVIN's rule; a letter past the last option counts wrong), else, for models that answer in words,
-the one option whose text the answer equals (after the VQA normalisation); anything else counts
-wrong (MemVP's rule; LaVIN guesses at random instead). How many were read each way is reported.
+The answer is read from the generated text: the one option whose text it equals (after the VQA
+normalisation: models that answer in words; "A square" is the option "square", not the letter A),
+else "The answer is X" or a leading option letter (MemVP's and LaVIN's rule; a letter past the last
+option counts wrong); anything else counts wrong (MemVP's rule; LaVIN guesses at random instead).
+How many were read each way is reported.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def load_scienceqa(root: Path, split: str, image_dir: Path | None = None) -> Ben
                 "'answer', the index of the right choice")
         context = _collapse(problem.get("hint") or "") or "N/A"
         options = " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices, strict=False))
-        image = (image_dir or root / "images") / split / str(pid) / problem["image"] if problem.get("image") else None
+        folder = problem.get("split", split)  # minival / minitest problems keep their images under val / test
+        image = (image_dir or root / "images") / folder / str(pid) / problem["image"] if problem.get("image") else None
         samples.append(Sample(pid, image, {"question": _collapse(problem["question"]), "context": context,
                                            "options": options}))
         references[pid] = problem
@@ -60,13 +62,15 @@ def load_scienceqa(root: Path, split: str, image_dir: Path | None = None) -> Ben
 
 def parse_choice(text: str, choices: list[str]) -> tuple[int | None, str]:
     """(chosen index or None, how it was read: letter | text | unparsable)."""
+    said = normalize_answer(text)
+    same = [i for i, choice in enumerate(choices) if normalize_answer(choice) == said]
+    if len(same) == 1:  # first, so that "A square" is the option "square", not the letter A
+        return same[0], "text"
     found = re.search(r"The answer is \(?([A-Z])\b", text) or re.match(r"\s*\(?([A-Z])(?:\)|\.|,|:|\s|$)", text)
     if found:
         index = LETTERS.find(found.group(1))
         return (index if 0 <= index < len(choices) else None), "letter"
-    said = normalize_answer(text)
-    same = [i for i, choice in enumerate(choices) if normalize_answer(choice) == said]
-    return (same[0], "text") if len(same) == 1 else (None, "unparsable")
+    return None, "unparsable"
 
 
 def score_scienceqa(benchmark: Benchmark, predictions: dict) -> dict:
@@ -84,7 +88,7 @@ def score_scienceqa(benchmark: Benchmark, predictions: dict) -> dict:
               for name, rule in GROUPS.items()}
     return {"accuracy": percent(list(correct)), "image_accuracy": groups["IMG"], "per_group": groups,
             "questions": len(correct), "read_as": read,
-            "rule": "'The answer is X' or a leading letter, else an option's exact text; otherwise wrong"}
+            "rule": "an option's exact text, else 'The answer is X' or a leading letter; otherwise wrong"}
 
 
 def write_outputs(predictions: dict, path: Path) -> None:

@@ -17,7 +17,8 @@ from vlfast.transfer.report import table
 def main(argv: list[str] | None = None) -> dict:
     arguments = parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
-        config = config_to_run(TransferConfig, given_values(arguments), arguments.resume, machine=("device",))
+        config = config_to_run(TransferConfig, given_values(arguments), arguments.resume,
+                               machine=("device", "grad_checkpointing"))  # neither changes the numbers
         out = Path(config.output_dir)
         processes = distributed.start(config.device)
         parts = experiment.prepare(config)

@@ -178,6 +178,10 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
             scores = evaluate(model, context.val, context.collate, config.batch_size, device)
             if context.benchmark:
                 scores |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / f"epoch-{epoch + 1}")
+            if scores.get(config.metric) is None:
+                raise ValueError(f"--metric {config.metric}: the evaluation gave no such score (it gave "
+                                 f"{', '.join(k for k, v in scores.items() if v is not None)}); a score can be missing "
+                                 "when --eval-limit leaves out a whole group or Java is absent")
         progress["history"].append({"epoch": epoch + 1, "stage": stage.name, "wall_s": round(progress["wall_s"], 3),
                                     **scores})
         if writer:
