@@ -217,7 +217,8 @@ def _start_stage(model: VisionLanguageModel, stage: Stage, steps: int, min_lr_ra
 def _steps(examples: int, batch_size: int, grad_accum: int, world: int, seed: int = 0) -> list[list[torch.Tensor]]:
     """One epoch's optimizer steps, each `grad_accum` consecutive global batches of a seeded order
     (the last step may have fewer); a last batch too small to give every process a share is dropped.
-    The steps of (batch_size b, grad_accum n) hold the examples of (b * n, 1) in the same order."""
+    The steps of (batch_size b, grad_accum n) hold the examples of (b * n, 1) in the same order, except
+    that with several processes a last batch too small to share can drop a few more examples."""
     order = torch.randperm(examples, generator=torch.Generator().manual_seed(seed)).split(batch_size)
     batches = [rows for rows in order if len(rows) >= world]
     return [batches[start:start + grad_accum] for start in range(0, len(batches), grad_accum)]
