@@ -9,13 +9,12 @@ first use; where they are absent it is reported unavailable with that reason ins
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-from vlfast.evaluate.common import Benchmark, Sample, load_json, require
+from vlfast.evaluate.common import Benchmark, Sample, load_json, read_records, require, write_records
 
 KARPATHY = {"test": "coco_karpathy_test.json", "val": "coco_karpathy_val.json"}
 NOCAPS = {"val": "nocaps_val_4500_captions.json"}
@@ -181,15 +180,8 @@ def score_nocaps(benchmark: Benchmark, predictions: dict) -> dict:
 
 def write_captions(predictions: dict, path: Path) -> None:
     """COCO's results format: a list of {image_id, caption}."""
-    path.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())]))
+    write_records(predictions, path, "image_id", "caption")
 
 
 def read_captions(path: Path) -> dict:
-    entries = load_json(path, list)
-    predictions = {}
-    for index, entry in enumerate(entries):
-        where = f"{path}: entry {index}"
-        require(isinstance(entry, dict) and isinstance(entry.get("image_id"), int), where, "an integer 'image_id'")
-        require(isinstance(entry.get("caption"), str), where, "a string 'caption'")
-        predictions.setdefault(entry["image_id"], entry["caption"])  # LAVIS keeps the first per image
-    return predictions
+    return read_records(path, "image_id", int, "caption")

@@ -64,3 +64,21 @@ def check_coverage(predictions: dict, expected: list, source: str) -> None:
         problems.append(f"{len(extra)} predictions are for ids not in the benchmark (first: {extra[:5]})")
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def write_records(predictions: dict, path: Path, id_key: str, text_key: str) -> None:
+    """The list-of-records results format the VQA server, GQA and COCO use: [{id_key: id, text_key: text}]."""
+    path.write_text(json.dumps([{id_key: i, text_key: t} for i, t in sorted(predictions.items())]))
+
+
+def read_records(path: Path, id_key: str, id_type: type, text_key: str) -> dict:
+    """Such a file as id -> text; the first record of an id is kept (LAVIS deduplicates the same way);
+    errors name the file, the entry and the field."""
+    predictions = {}
+    for index, entry in enumerate(load_json(path, list)):
+        where = f"{path}: entry {index}"
+        kind = "an integer" if id_type is int else "a string"
+        require(isinstance(entry, dict) and isinstance(entry.get(id_key), id_type), where, f"{kind} '{id_key}'")
+        require(isinstance(entry.get(text_key), str), where, f"a string '{text_key}'")
+        predictions.setdefault(entry[id_key], entry[text_key])
+    return predictions

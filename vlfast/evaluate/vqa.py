@@ -8,10 +8,9 @@ exact match beside it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlfast.evaluate.common import Benchmark, Sample, load_json, require
+from vlfast.evaluate.common import Benchmark, Sample, load_json, read_records, require, write_records
 from vlfast.evaluate.vqa_metric import normalize_answer, vqa_scores
 
 # split -> (file subtype, image folder)
@@ -71,18 +70,11 @@ def score_vqa(benchmark: Benchmark, predictions: dict, rule: str = "official") -
 
 def write_vqa(predictions: dict, path: Path) -> None:
     """The VQA server's results format: a list of {question_id, answer}."""
-    path.write_text(json.dumps([{"question_id": i, "answer": a} for i, a in sorted(predictions.items())]))
+    write_records(predictions, path, "question_id", "answer")
 
 
 def read_vqa(path: Path) -> dict:
-    predictions = {}
-    for index, entry in enumerate(load_json(path, list)):
-        where = f"{path}: entry {index}"
-        require(isinstance(entry, dict) and isinstance(entry.get("question_id"), int), where,
-                "an integer 'question_id'")
-        require(isinstance(entry.get("answer"), str), where, "a string 'answer'")
-        predictions.setdefault(entry["question_id"], entry["answer"])  # LAVIS deduplicates by question id
-    return predictions
+    return read_records(path, "question_id", int, "answer")
 
 
 def load_gqa(root: Path, split: str, image_dir: Path | None = None) -> Benchmark:
@@ -128,14 +120,8 @@ def score_gqa(benchmark: Benchmark, predictions: dict) -> dict:
 
 def write_gqa(predictions: dict, path: Path) -> None:
     """The official format: a list of {questionId, prediction}."""
-    path.write_text(json.dumps([{"questionId": i, "prediction": p} for i, p in sorted(predictions.items())]))
+    write_records(predictions, path, "questionId", "prediction")
 
 
 def read_gqa(path: Path) -> dict:
-    predictions = {}
-    for index, entry in enumerate(load_json(path, list)):
-        where = f"{path}: entry {index}"
-        require(isinstance(entry, dict) and isinstance(entry.get("questionId"), str), where, "a string 'questionId'")
-        require(isinstance(entry.get("prediction"), str), where, "a string 'prediction'")
-        predictions.setdefault(entry["questionId"], entry["prediction"])
-    return predictions
+    return read_records(path, "questionId", str, "prediction")
