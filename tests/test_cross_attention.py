@@ -6,9 +6,9 @@ import torch
 from vlfast.kernels.utils import poisoned_outputs
 
 import vlfast
-from tests.oracle import assert_close_to_reference, forward_backward
 from vlfast.ops import BackendUnsupportedError, cross_attention, use_backend
 from vlfast.ops.reference import cross_attention_autograd
+from vlfast.ops.tolerance import assert_close_to_reference, forward_backward
 
 RUNNABLE_BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

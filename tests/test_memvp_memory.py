@@ -6,9 +6,9 @@ import torch
 from vlfast.kernels.memvp_memory import max_memory
 from vlfast.kernels.utils import poisoned_outputs
 
-from tests.oracle import assert_close_to_reference, forward_backward, seed_of
 from vlfast.ops import BackendUnsupportedError, memvp_memory
 from vlfast.ops.reference import dropout_keep_mask, memvp_memory_autograd
+from vlfast.ops.tolerance import assert_close_to_reference, forward_backward, seed_of
 
 RUNNABLE_BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from vlfast.kernels.utils import poisoned_outputs
 
-from tests.oracle import assert_close_to_reference, forward_backward, seed_of
 from vlfast.ops import BackendUnsupportedError, routed_adapter
 from vlfast.ops.reference import dropout_keep_mask, routed_adapter_autograd
+from vlfast.ops.tolerance import assert_close_to_reference, forward_backward, seed_of
 
 RUNNABLE_BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

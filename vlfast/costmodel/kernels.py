@@ -219,3 +219,40 @@ def routed_adapter_eager(s: AdapterShape) -> list[Cost]:
         Cost(e * 2 * x, 0),  # * scale
         Cost(e * 3 * x, 0),  # + x
     ]
+
+
+def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool = False) -> dict[str, float] | None:
+    """Projected seconds of the floor, the fused Triton kernels (as the launchers configure them) and
+    the eager chain for one op at `dims` (the names of vlfast.gpucheck's cases); None where the fused
+    kernel has no model (memvp_memory's and routed_adapter's backward)."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    meta = dict(dtype=dtype, device="meta")
+    if op == "cross_attention":
+        from vlfast.kernels.cross_attention import launch_config
+
+        s = AttentionShape(dims["B"], dims["H"], dims["Lq"], dims["Lk"], dims["D"], itemsize=itemsize)
+        cfg = launch_config(torch.empty(1, 1, s.q_len, s.head_dim, **meta), s.kv_len, interpret=False)
+        floor = cross_attention_floor(s, backward)
+        fused = cross_attention_triton(s, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], backward)
+        eager = cross_attention_eager(s, backward)
+    elif backward:
+        return None
+    elif op == "memvp_memory":
+        from vlfast.kernels.memvp_memory import launch_config
+
+        s = MemVPShape(dims["B"], dims["L"], dims["M"], dims["D"], itemsize=itemsize)
+        cfg = launch_config(torch.empty(1, 1, s.dim, **meta), s.memory, interpret=False)
+        floor, (fused, _) = memvp_floor(s), memvp_triton(s, cfg["BLOCK_L"], cfg["BLOCK_M"])
+        eager = memvp_eager(s, dropout=False)
+    else:
+        from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, launch_config
+
+        s = AdapterShape(dims["B"], dims["B"] * dims["L"], dims["D"], dims["R"], dims["E"], itemsize=itemsize)
+        cfg = launch_config(torch.empty(1, 1, s.dim, **meta), s.rank, s.experts, interpret=False)
+        floor = routed_adapter_floor(s)
+        fused = routed_adapter_triton(s, cfg["BLOCK_L"], cfg["BLOCK_R"], PROGRAMS_PER_SM * hw.sms, hw)
+        eager = routed_adapter_eager(s)
+    return {"floor_s": floor.seconds(hw), "floor_bytes": floor.bytes, "fused_s": fused.seconds(hw),
+            "eager_s": chain_seconds(eager, hw)}
