@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_ad
   const at::Tensor ddown_weight = at::matmul(dhidden.view({B * L, R}).t(), x32.view({B * L, D}));
   const at::Tensor dmixed_up = at::matmul(dout32.transpose(1, 2), hidden) * scale;
   const at::Tensor dmixed_bias = dout32.sum(1) * scale;
-  return {dx, ddown_weight.to(down_weight.scalar_type()), dhidden.sum({0, 1}).to(down_bias.scalar_type()),
+  return {dx, ddown_weight.to(down_weight.scalar_type()), dhidden.sum(at::IntArrayRef{0, 1}).to(down_bias.scalar_type()),
           dmixed_up.contiguous(), dmixed_bias.contiguous()};
 }
 
