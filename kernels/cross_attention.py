@@ -39,8 +39,10 @@ def cross_attention_fwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # (batch x head) on grid axis 0, whose limit is 2^31 - 1 (axis 1 stops at 65535); 64-bit
+    # offsets, as B x H x L x D can pass 2^31.
+    bh = tl.program_id(0).to(tl.int64)
+    block_m = tl.program_id(1)
     batch = bh // heads
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -103,8 +105,10 @@ def cross_attention_bwd_kernel(
     """dQ of a block of queries over all keys. With WRITE_KV (one query block covers all queries)
     also dK and dV, which this program then owns whole; otherwise it saves the rows' delta for
     cross_attention_bwd_kv_kernel."""
-    block_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # (batch x head) on grid axis 0, whose limit is 2^31 - 1 (axis 1 stops at 65535); 64-bit
+    # offsets, as B x H x L x D can pass 2^31.
+    bh = tl.program_id(0).to(tl.int64)
+    block_m = tl.program_id(1)
     batch = bh // heads
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -162,8 +166,8 @@ def cross_attention_bwd_kv_kernel(
 ):
     """dK and dV of a block of keys over all query blocks (used when there are several): each
     program owns its rows of dK and dV, so no atomics and a deterministic result."""
-    block_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # as in the kernels above
+    block_n = tl.program_id(1)
     batch = bh // heads
     keys = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -260,7 +264,7 @@ def cross_attention_forward(
     out = new_output(q.shape, storage_dtype(q.dtype), q.device)
     lse = new_output((batch, heads, q_len), torch.float32, q.device)
     cfg = launch_config(q, kv_len)
-    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * heads)
+    grid = (batch * heads, triton.cdiv(q_len, cfg["BLOCK_M"]))
     cross_attention_fwd_kernel[grid](
         q, k, v, _mask_arg(kv_mask, q), out, lse, heads, q_len, kv_len, head_dim, scale,
         HAS_MASK=kv_mask is not None, **cfg,
@@ -283,12 +287,12 @@ def cross_attention_backward(
     # One query block: one kernel owns all of dK, dV. Several: a second kernel per key block.
     delta = lse if q_blocks == 1 else new_output(lse.shape, torch.float32, q.device)  # lse: never written
     mask = _mask_arg(kv_mask, q)
-    cross_attention_bwd_kernel[(q_blocks, batch * heads)](
+    cross_attention_bwd_kernel[(batch * heads, q_blocks)](
         q, k, v, mask, out, dout, lse, delta, dq, dk, dv, heads, q_len, kv_len, head_dim, scale,
         HAS_MASK=kv_mask is not None, WRITE_KV=q_blocks == 1, **cfg,
     )
     if q_blocks > 1:
-        cross_attention_bwd_kv_kernel[(triton.cdiv(kv_len, cfg["BLOCK_N"]), batch * heads)](
+        cross_attention_bwd_kv_kernel[(batch * heads, triton.cdiv(kv_len, cfg["BLOCK_N"]))](
             q, k, v, mask, dout, lse, delta, dk, dv, heads, q_len, kv_len, head_dim, scale,
             HAS_MASK=kv_mask is not None, **cfg,
         )

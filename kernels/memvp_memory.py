@@ -36,7 +36,7 @@ def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.con
     as the unfused op does (fp32 when the interpreter needs fp32 dot operands)."""
     mask = (mem[:, None] < memory) & (cols[None, :] < dim)
     offsets = mem[:, None] * dim + cols[None, :]
-    z = tl.load(z_ptr + batch * memory * dim + offsets, mask=mask, other=0.0)
+    z = tl.load(z_ptr + (batch * memory).to(tl.int64) * dim + offsets, mask=mask, other=0.0)
     pos = tl.load(pos_ptr + offsets, mask=mask, other=0.0)
     if DOT_FP32:
         return z.to(tl.float32) + pos.to(tl.float32)
@@ -47,11 +47,12 @@ def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.con
 def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """x[batch, rows] (z[batch] + pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M)."""
+    """x[batch, rows] (z[batch] + pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M). Offsets into
+    (B, L, D) tensors are 64-bit here and below: B x L x D can pass 2^31."""
     pre = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+        x = tl.load(x_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
                     mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
         if DOT_FP32:
             x = x.to(tl.float32)
@@ -69,8 +70,8 @@ def _store_times_memory(out_ptr, act, z_ptr, pos_ptr, batch, rows, mem, length, 
         cols = d0 + tl.arange(0, BLOCK_D)
         memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
         out = tl.dot(act, memory_rows, input_precision=PRECISION)
-        tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+        tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def memvp_bwd_memory_kernel(
             steps = l0 + tl.arange(0, BLOCK_L)
             act = tl.load(act_ptr + (batch * length + steps[:, None]).to(tl.int64) * memory + mem[None, :],
                           mask=(steps[:, None] < length) & (mem[None, :] < memory), other=0.0)
-            rows = tl.load(rows_ptr + (batch * length + steps[:, None]) * dim + cols[None, :],
+            rows = tl.load(rows_ptr + (batch * length + steps[:, None]).to(tl.int64) * dim + cols[None, :],
                            mask=(steps[:, None] < length) & (cols[None, :] < dim), other=0.0)
             if DOT_FP32:
                 rows = rows.to(tl.float32)
@@ -146,7 +147,7 @@ def memvp_bwd_memory_kernel(
                 act = act.to(rows.dtype)
             grad += tl.dot(tl.trans(act), rows, input_precision=PRECISION)
         grad = grad * factor
-        dz_ptrs = dz_ptr + (batch * memory + mem[:, None]) * dim + cols[None, :]
+        dz_ptrs = dz_ptr + (batch * memory + mem[:, None]).to(tl.int64) * dim + cols[None, :]
         if ACCUMULATE:
             tl.store(dz_ptrs, tl.load(dz_ptrs, mask=tile_mask, other=0.0) + grad, mask=tile_mask)
         else:

@@ -50,7 +50,8 @@ def _routing_weights(router_input_ptr, router_weight_ptr, router_bias_ptr, batch
 
 @triton.jit
 def _rows_tile(ptr, batch, rows, cols, length, dim):
-    return tl.load(ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+    """A (rows, cols) tile of a (B, L, D) tensor; offsets in 64 bits, as B x L x D can pass 2^31."""
+    return tl.load(ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
                    mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
 
 
@@ -121,7 +122,7 @@ def routed_adapter_fwd_kernel(
             up = tl.dot(hidden, tl.trans(mixed.to(hidden.dtype)), input_precision=PRECISION)
             x = _rows_tile(x_ptr, batch, rows, cols, length, dim).to(tl.float32)
             out = x + scale * (up + mixed_bias[None, :])
-            tl.store(out_ptr + (batch * length + rows[:, None]) * dim + cols[None, :],
+            tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
 
@@ -161,8 +162,8 @@ def routed_adapter_bwd_rows_kernel(
                          mask=(ranks[:, None] < rank) & (cols[None, :] < dim), other=0.0)
         dx = tl.dot(dhidden, weight.to(dhidden.dtype), input_precision=PRECISION)
         dx += _rows_tile(dout_ptr, batch, rows, cols, length, dim).to(tl.float32)
-        tl.store(dx_ptr + (batch * length + rows[:, None]) * dim + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < length) & (cols[None, :] < dim))
+        tl.store(dx_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
 
 @triton.jit

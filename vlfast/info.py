@@ -8,7 +8,7 @@ from importlib import metadata
 import torch
 
 import vlfast
-from vlfast.ops.backends import BACKENDS, EXTENSION, OP_SUPPORT, TRITON_INTERPRET, machine_reason
+from vlfast.ops.backends import BACKENDS, EXTENSION, OP_PREFERENCE, OP_SUPPORT, TRITON_INTERPRET, machine_reason
 
 
 def _version(package: str) -> str:
@@ -39,9 +39,9 @@ def report() -> str:
             state = "available" if why is None else f"unavailable: {why}"
             lines.append(f"  {backend:7} {state}")
             lines.append(f"  {'':7} supports {supports[backend]}")
-    lines.append("")
-    lines.append("auto picks the first backend that takes the input: CUDA tensors: triton, cuda, torch; "
-                 "CPU tensors: the op's fastest measured order (see each op's CPU_PREFERENCE)")
+        orders = "; ".join(f"{device.upper()} tensors: {', '.join(order)}"
+                           for device, order in OP_PREFERENCE[op].items())
+        lines.append(f"  auto    the first that takes the input, fastest measured first: {orders}")
     return "\n".join(lines)
 
 

@@ -158,13 +158,16 @@ def _environment() -> dict:
 
     from vlfast.info import report
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root)
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             cwd=root).stdout.splitlines()
     smi = shutil.which("nvidia-smi")
     driver = subprocess.run([smi, "--query-gpu=driver_version,name", "--format=csv,noheader"], capture_output=True,
                             text=True).stdout.strip() if smi else ""
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": version("triton"), "driver": driver, "commit": commit.stdout.strip(),
+            "files_changed_since_commit": [line[3:] for line in changed],
             "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""), "vlfast_info": report()}
 
 

@@ -74,9 +74,11 @@ def timing_table(records: list[dict]) -> list[str]:
 def write_report(summary: dict, path: Path) -> None:
     env, records = summary["environment"], summary["records"]
     hardware = next((r["hardware"] for r in records if "hardware" in r), None)
+    changed = env.get("files_changed_since_commit")
     lines = ["# vlfast GPU check (measured)", "",
              f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, driver {env['driver']}, "
-             f"vlfast commit {env['commit'] or 'unknown'}; {summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s "
+             f"vlfast commit {env['commit'] or 'unknown'}{' + changes to ' + ', '.join(changed) if changed else ''}; "
+             f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s "
              "budget.", ""]
     if hardware:
         lines += [f"Device: {hardware['name']} (sm_{hardware['capability'].replace('.', '')}, {hardware['sms']} SMs, "
@@ -93,6 +95,12 @@ def write_report(summary: dict, path: Path) -> None:
               "Useful GB/s: the op's one-read-one-write bytes over the measured time. Projected: vlfast.costmodel's "
               "model of the kernel as launched (fused Triton) or of the eager chain, at the measured ceilings.", "",
               *timing_table(records), ""]
+    memcheck = summary.get("memcheck_records", [])
+    if memcheck:
+        ok = sum(r.get("status") == "ok" for r in memcheck)
+        lines += ["## compute-sanitizer memcheck", "",
+                  f"The small cases again under `compute-sanitizer --tool memcheck`: {ok} of {len(memcheck)} records "
+                  "ok (the rest refused); each part's error summary is below.", ""]
     lines += ["## Parts", "", "| part | exit | seconds |", "|---|---|---|"]
     lines += [f"| {p['part']} | {p['returncode']} | {p['seconds']:.0f} |" for p in summary["parts"]]
     for p in summary["parts"]:

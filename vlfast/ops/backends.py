@@ -24,11 +24,18 @@ _default_backend = AUTO
 # op name -> backend -> what that backend supports, filled in by each op's module; read by
 # `python -m vlfast.info`.
 OP_SUPPORT: dict[str, dict[str, str]] = {}
+# op name -> device type -> auto's order (torch last), also read by `python -m vlfast.info`.
+OP_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {}
 
 
-def register_op(name: str, supports: dict[str, str]) -> None:
+def register_op(name: str, supports: dict[str, str], preference: dict[str, tuple[str, ...]]) -> None:
     assert set(supports) == set(BACKENDS), f"{name} must describe every backend"
     OP_SUPPORT[name] = supports
+    OP_PREFERENCE[name] = {device: auto_order(order) for device, order in preference.items()}
+
+
+def auto_order(preference: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*preference, "torch")))
 
 
 class BackendUnsupportedError(RuntimeError):
@@ -91,10 +98,11 @@ def resolve_backend(
     requested: str | None,
     device: torch.device,
     unsupported_reason: Callable[[str], str | None],
-    cpu_preference: tuple[str, ...],
+    preference: dict[str, tuple[str, ...]],
 ) -> str:
     """The backend to run `op` on. `unsupported_reason(backend)` covers the input's dtype and shape;
-    device checks are added here. `cpu_preference` is the op's measured fastest-first order on CPU."""
+    device checks are added here. `preference` is the op's measured fastest-first order per device
+    type for `auto`; `torch` (plain PyTorch) closes every order."""
     name = _default_backend if requested is None else requested
     _check_name(name)
 
@@ -106,7 +114,7 @@ def resolve_backend(
         if why is not None:
             raise BackendUnsupportedError(f"vlfast.ops.{op}: backend {name!r} cannot run this input: {why}")
         return name
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else (*cpu_preference, "torch")
+    order = auto_order(preference.get(device.type, ()))
     for backend in order:
         if reason(backend) is None:
             return backend

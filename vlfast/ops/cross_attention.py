@@ -18,9 +18,11 @@ from vlfast.ops.checks import check_same_device, check_tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 256
 MAX_CUDA_HEAD_DIM = 128
-# Fastest first on CPU tensors, as measured by benchmarks/test_cross_attention.py at the Q-Former
-# shape (the C++ kernel is scalar code, torch's batched matmuls are not).
-CPU_PREFERENCE = ("torch", "cpu")
+# `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU by
+# benchmarks/test_cross_attention.py (the C++ kernel is scalar code, torch's batched matmuls are
+# not); on an H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: bf16
+# forward triton 54 us, eager 111 us; forward + backward cuda 611 us, triton 749 us, eager 907 us).
+PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton", "cuda")}
 
 
 register_op("cross_attention", {
@@ -28,7 +30,7 @@ register_op("cross_attention", {
     "cuda": f"fp16, bf16 on tensor cores (sm_80+); head dim <= {MAX_CUDA_HEAD_DIM}; CUDA tensors",
     "cpu": "fp32, fp16, bf16 (computed in fp32); CPU tensors",
     "torch": "any floating dtype and device (the reference)",
-})
+}, PREFERENCE)
 
 
 def unsupported_reason(backend: str, q: Tensor) -> str | None:
@@ -148,7 +150,7 @@ def cross_attention(
         kv_mask = kv_mask.contiguous()
     scale = head_dim**-0.5 if scale is None else float(scale)
     chosen = resolve_backend(
-        "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), CPU_PREFERENCE
+        "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), PREFERENCE
     )
     out, _ = cross_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_mask, scale, chosen)
     return out

@@ -17,15 +17,18 @@ from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
 MAX_CUDA_MEMORY = 512  # csrc/cuda/memvp_memory.cu keeps the block's (rows x M) activation in shared memory
-# Fastest first on CPU tensors (benchmarks/test_memvp_memory.py).
-CPU_PREFERENCE = ("torch", "cpu")
+# `auto`'s order per device type, fastest first: on CPU by benchmarks/test_memvp_memory.py; on an
+# H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: at B=8 L=512 M=320
+# D=4096 bf16 the forward takes 130 us in plain PyTorch, 1105 us in triton, 18.8 ms in cuda): plain
+# PyTorch until the kernels are rewritten.
+PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
 
 register_op("memvp_memory", {
     "triton": f"fp16, bf16 with M <= 512, fp32 with M <= 128; D <= {MAX_DIM}; CUDA tensors",
     "cuda": f"fp16, bf16 on tensor cores (sm_80+); M <= {MAX_CUDA_MEMORY}; D <= {MAX_DIM}; CUDA tensors",
     "cpu": f"fp32, fp16, bf16 (computed in fp32); D <= {MAX_DIM}; CPU tensors",
     "torch": "any floating dtype and device (the reference)",
-})
+}, PREFERENCE)
 
 
 def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
@@ -138,7 +141,7 @@ def memvp_memory(
         raise ValueError(f"x and z need non-empty dims, got x {tuple(x.shape)} and z {tuple(z.shape)}")
     seed = draw_dropout_seed(dropout_p, generator)
     chosen = resolve_backend(
-        "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), CPU_PREFERENCE
+        "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), PREFERENCE
     )
     return memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),
                             float(scale), float(dropout_p), seed, chosen)

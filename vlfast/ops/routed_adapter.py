@@ -22,15 +22,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
 MAX_RANK = 64
 MAX_CUDA_EXPERTS = 16  # csrc/cuda/routed_adapter.cu keeps the routing weights in shared memory
-# Fastest first on CPU tensors (benchmarks/test_routed_adapter.py).
-CPU_PREFERENCE = ("torch", "cpu")
+# `auto`'s order per device type, fastest first: on CPU by benchmarks/test_routed_adapter.py; on an
+# H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: 16384 tokens,
+# D=4096, bf16 forward + backward triton 2.05 ms, eager 3.10 ms, cuda 6.83 ms).
+PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton",)}
 
 register_op("routed_adapter", {
     "triton": f"fp32, fp16, bf16; rank <= {MAX_RANK}; D <= {MAX_DIM}; CUDA tensors",
     "cuda": f"fp16, bf16 on tensor cores (sm_80+); rank <= {MAX_RANK}; E <= {MAX_CUDA_EXPERTS}; CUDA tensors",
     "cpu": f"fp32, fp16, bf16 (computed in fp32); rank <= {MAX_RANK}; D <= {MAX_DIM}; CPU tensors",
     "torch": "any floating dtype and device (the reference)",
-})
+}, PREFERENCE)
 
 ARGUMENTS = ("x", "router_input", "router_weight", "router_bias", "down_weight", "down_bias", "up_weight", "up_bias")
 
@@ -175,6 +177,6 @@ def routed_adapter(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     seed = draw_dropout_seed(dropout_p, generator)
     chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank, experts),
-                             CPU_PREFERENCE)
+                             PREFERENCE)
     return routed_adapter_fwd(*(t.contiguous() for t in given.values()), float(temperature), float(scale),
                               float(dropout_p), seed, chosen)
