@@ -70,7 +70,8 @@ class Stream(torch.utils.data.IterableDataset):
         self.sources, self.batch_size, self.seed, self.on_error = list(sources), batch_size, seed, on_error
         self.probabilities = np.array(ratios, dtype=np.float64) / sum(ratios)
         self.samples_per_epoch, self.collate = samples_per_epoch, collate
-        self.plan: dict = {}  # set by StreamLoader before each epoch's workers start
+        # Where each worker starts; StreamLoader sets it before each epoch's workers start.
+        self.plan: dict = {"epoch": 0, "batches": 0, "rotation": 0, "workers": {}}
 
     @property
     def rank_samples(self) -> int | None:
