@@ -137,6 +137,7 @@ setup(
         "transformers>=4.46",
         "tokenizers>=0.20",
         "safetensors>=0.4",
+        "webdataset>=1.0",  # tar shards (vlfast.data.sources)
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "pyyaml>=6",

@@ -1,4 +1,5 @@
-"""Data: the procedural `shapes` set, a COCO-format caption loader, and caption collation."""
+"""Data: the procedural `shapes` set, a COCO-format caption loader, caption collation, and streamed
+sources (sources.py, stream.py, feature_shards.py: imported from their modules)."""
 from vlfast.data.coco import CocoCaptions
 from vlfast.data.collate import IGNORE_INDEX, CaptionCollator
 
