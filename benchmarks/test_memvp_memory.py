@@ -73,7 +73,7 @@ def projection() -> dict:
     shape = MemVPShape(batch=8, length=512, memory=MEMORY_ROWS, dim=4096)
     cfg = launch_config(torch.empty(1, 1, 4096, dtype=torch.bfloat16, device="meta"), MEMORY_ROWS, interpret=False)
     floor = memvp_floor(shape)
-    fused, l2_bytes = memvp_triton(shape, cfg["BLOCK_L"], cfg["BLOCK_M"])
+    fused, l2_bytes = memvp_triton(shape, cfg)
     eager = memvp_eager(shape)
     text_only = LLAMA_7B.forward_flops(TEXT_TOKENS)
     memory_space = LLAMA_7B.forward_flops(TEXT_TOKENS, MEMORY_ROWS)

@@ -1,17 +1,22 @@
 """MemVP's FFN memory in Triton: out = scale * dropout(silu(x K^T)) V, K = z + key_pos, V = z + value_pos.
 
-A one-head attention with SiLU instead of softmax. The forward is two chained matrix products per
-block of rows: the program accumulates the (rows x M) pre-activation over D in registers, applies
-SiLU and dropout there, and multiplies by V chunk by chunk of D, so the (B, L, M) activation never
-reaches memory. K and V are formed tile by tile from z and the shared position rows, never
-materialised. The whole memory (M <= 512, padded to a power of two) is held per program.
+A one-head attention with SiLU instead of softmax, so no running maximum is needed and the memory
+(M rows) is tiled like any matrix dimension: any M runs. The forward is two tiled matrix products:
+`memvp_activation_kernel` writes the (B, L, M) activation dropout(silu(x K^T)) * scale per
+(rows x memory) tile, accumulating over D, and `memvp_times_memory_kernel` multiplies it by V per
+(rows x D) tile, accumulating over M. Only that activation (M / D of x's size) makes the round trip
+through memory; K and V are formed tile by tile from z and the shared position rows, never
+materialised. (An earlier version held the whole memory per program and re-read K and V for every
+16 rows: 8.5x slower than plain PyTorch on an H200, and limited to M <= 512.)
 
-The backward writes the dropped activation and the pre-activation gradient (B, L, M) once
-(`memvp_bwd_rows_kernel`, which also produces dx), then reduces over rows for dz, dkey_pos and
-dvalue_pos (`memvp_bwd_memory_kernel`), deterministically and without atomics.
+The backward runs the activation kernel in its gradient mode, writing the dropped activation and the
+pre-activation gradient (B, L, M) in fp32, then dx = dpre K with the same product kernel, then
+reduces over rows for dz, dkey_pos and dvalue_pos (`memvp_bwd_memory_kernel`), deterministically
+and without atomics.
 
 Dropout is counter-based (`kernels/utils.py: dropout_factor`), so the mask is regenerated from the
-seed in backward and equal on all backends.
+seed in backward and equal on all backends. Offsets into (B, L, D) and (B, L, M) tensors are 64-bit:
+B x L x D can pass 2^31.
 """
 from __future__ import annotations
 
@@ -62,61 +67,59 @@ def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim
 
 
 @triton.jit
-def _store_times_memory(out_ptr, act, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
-                        BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """out[batch, rows] = act (z[batch] + pos), one D chunk at a time; act is (BLOCK_L, BLOCK_M) fp32."""
-    act = act.to(tl.float32 if DOT_FP32 else out_ptr.dtype.element_ty)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        out = tl.dot(act, memory_rows, input_precision=PRECISION)
-        tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
-
-
-@triton.jit
-def memvp_fwd_kernel(
-    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, out_ptr,
+def memvp_activation_kernel(
+    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, act_ptr, dpre_ptr,
     length, memory, dim, scale, keep_scale, seed, threshold,
-    DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1)
+    """One (rows x memory) tile of the activation. Forward: act = dropout(silu(x K^T)) * scale.
+    Backward: act = dropout(silu(x K^T)) and dpre = dL/d(x K^T) = dropout(scale dout V^T silu'),
+    both fp32."""
+    batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mem = tl.arange(0, BLOCK_M)
-    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
-                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    hidden = pre * tl.sigmoid(pre) * scale
-    if DROPOUT:
-        offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
-        hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
-    _store_times_memory(out_ptr, hidden, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
-                        BLOCK_D, DOT_FP32, PRECISION)
-
-
-@triton.jit
-def memvp_bwd_rows_kernel(
-    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, hidden_ptr, dpre_ptr, dx_ptr,
-    length, memory, dim, scale, keep_scale, seed, threshold,
-    DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Per block of rows: hidden = dropout(silu(pre)) and dpre = dL/dpre (fp32, (B, L, M)), and dx."""
-    batch = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mem = tl.arange(0, BLOCK_M)
-    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
-                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    # dL/dhidden = dout (z + value_pos)^T: the same product as the pre-activation.
-    dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
-                              BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    sig = tl.sigmoid(pre)
-    dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))
+    mem = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
-    dpre = drop_and_save(pre * sig, dpre, hidden_ptr, dpre_ptr, offsets,
-                         (rows[:, None] < length) & (mem[None, :] < memory), seed, threshold, keep_scale, DROPOUT)
-    _store_times_memory(dx_ptr, dpre, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
-                        BLOCK_D, DOT_FP32, PRECISION)
+    inside = (rows[:, None] < length) & (mem[None, :] < memory)
+    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+    sig = tl.sigmoid(pre)
+    if BACKWARD:
+        # dL/dhidden = dout (z + value_pos)^T: the same product as the pre-activation.
+        dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
+                                  BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+        dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))  # silu'(a) = s (1 + a (1 - s))
+        drop_and_save(pre * sig, dpre, act_ptr, dpre_ptr, offsets, inside, seed, threshold, keep_scale, DROPOUT)
+    else:
+        hidden = pre * sig * scale
+        if DROPOUT:
+            hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
+        tl.store(act_ptr + offsets, hidden.to(act_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def memvp_times_memory_kernel(
+    act_ptr, z_ptr, pos_ptr, out_ptr, length, memory, dim,
+    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (rows x D) tile of out = act (z + pos), act (B, L, M), accumulated over M in fp32. The
+    activation is rounded to the output's dtype first, as the unfused op holds it."""
+    batch = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    for m0 in range(0, memory, BLOCK_M):
+        mem = m0 + tl.arange(0, BLOCK_M)
+        act = tl.load(act_ptr + (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :],
+                      mask=(rows[:, None] < length) & (mem[None, :] < memory), other=0.0)
+        act = act.to(out_ptr.dtype.element_ty)
+        if DOT_FP32:
+            act = act.to(tl.float32)
+        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        acc += tl.dot(act, memory_rows, input_precision=PRECISION)
+    tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
 
 @triton.jit
@@ -156,22 +159,20 @@ def memvp_bwd_memory_kernel(
     tl.store(dpos_ptr + mem[:, None] * dim + cols[None, :], dpos.to(dpos_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def max_memory(dtype: torch.dtype) -> int:
-    """Largest M the row kernels hold per program without spilling (static report, sm_80/sm_90)."""
-    return 128 if dtype == torch.float32 else 512
-
-
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
-    """Launch options of the row kernels: the whole memory per program; wide tiles (memory >= 256
-    16-bit or >= 128 fp32 elements) get 16 rows, 16-wide D chunks and 8 warps to stay in registers."""
-    block_m = max(16, triton.next_power_of_2(memory))
-    wide = block_m * x.element_size() >= 512
+    """Tiles of both kernels: `act` / `act_backward` for the (rows x memory) activation tiles,
+    reduced over D (the backward holds two accumulators: twice the warps); `product` for the
+    (rows x D) output tiles, reduced over M. fp32 operands (3-pass tf32) get half the rows, columns or reduction chunk. Chosen from
+    the static report: no spills on sm_80 and sm_90."""
+    narrow = x.element_size() == 2
+    block_m = min(64, max(16, triton.next_power_of_2(memory)))
+    dots = dot_options(x, interpret)
+    act = {"BLOCK_L": 64 if narrow else 32, "BLOCK_M": block_m, "BLOCK_D": 32 if narrow else 16, **dots}
     return {
-        "BLOCK_L": 16 if wide else 32,
-        "BLOCK_M": block_m,
-        "BLOCK_D": 16 if wide else 32,
-        "num_warps": 8 if wide else 4,
-        **dot_options(x, interpret),
+        "act": {**act, "num_warps": 4},
+        "act_backward": {**act, "BLOCK_M": block_m if narrow else min(block_m, 32), "num_warps": 8},
+        "product": {"BLOCK_L": 64, "BLOCK_M": 32 if narrow else 16, "BLOCK_D": 128 if narrow else 64,
+                    "num_warps": 4 if narrow else 8, **dots},
     }
 
 
@@ -179,16 +180,33 @@ def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict
     return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **dot_options(x, interpret)}
 
 
-def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+def _activation(x, z, key_pos, value_pos, dout, act, dpre, scale, dropout_p, seed, cfg) -> None:
     batch, length, dim = x.shape
     memory = z.shape[1]
-    out = new_output(x.shape, storage_dtype(x.dtype), x.device)
-    cfg = launch_config(x, memory)
-    grid = (triton.cdiv(length, cfg["BLOCK_L"]), batch)
-    memvp_fwd_kernel[grid](
-        x, z, key_pos, value_pos, out, length, memory, dim, scale, **dropout_args(dropout_p, seed),
-        DROPOUT=dropout_p > 0, **cfg,
+    tiles = cfg["act" if dout is None else "act_backward"]
+    grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(memory, tiles["BLOCK_M"]), batch)
+    memvp_activation_kernel[grid](
+        x, z, key_pos, value_pos, dout if dout is not None else x, act, dpre if dpre is not None else act,
+        length, memory, dim, scale, **dropout_args(dropout_p, seed),
+        BACKWARD=dout is not None, DROPOUT=dropout_p > 0, **tiles,
     )
+
+
+def _times_memory(act, z, pos, out, cfg) -> None:
+    batch, length, dim = out.shape
+    tiles = cfg["product"]
+    grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(dim, tiles["BLOCK_D"]), batch)
+    memvp_times_memory_kernel[grid](act, z, pos, out, length, z.shape[1], dim, **tiles)
+
+
+def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+    batch, length, _ = x.shape
+    cfg = launch_config(x, z.shape[1])
+    # The activation in the dtype the product reads (fp32 where the interpreter needs fp32 operands).
+    act = new_output((batch, length, z.shape[1]), torch.float32 if cfg["act"]["DOT_FP32"] else x.dtype, x.device)
+    _activation(x, z, key_pos, value_pos, None, act, None, scale, dropout_p, seed, cfg)
+    out = new_output(x.shape, storage_dtype(x.dtype), x.device)
+    _times_memory(act, z, value_pos, out, cfg)
     return out.to(x.dtype)
 
 
@@ -197,13 +215,11 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     memory = z.shape[1]
     hidden = new_output((batch, length, memory), torch.float32, x.device)
     dpre = new_output((batch, length, memory), torch.float32, x.device)
+    cfg = launch_config(x, memory)
+    _activation(x, z, key_pos, value_pos, dout, hidden, dpre, scale, dropout_p, seed, cfg)
     written = storage_dtype(x.dtype)
     dx = new_output(x.shape, written, x.device)
-    cfg = launch_config(x, memory)
-    memvp_bwd_rows_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), batch)](
-        x, z, key_pos, value_pos, dout, hidden, dpre, dx, length, memory, dim, scale,
-        **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0, **cfg,
-    )
+    _times_memory(dpre, z, key_pos, dx, cfg)
     # dz = dK + dV is summed in fp32 over two launches (keys, then values) and rounded once.
     dz = new_output(z.shape, torch.float32, z.device)
     dkey_pos = new_output(key_pos.shape, written, key_pos.device)
@@ -218,25 +234,27 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
 
 
 def report_specs() -> list[KernelSpec]:
-    """LLaMA-7B's MemVP shape (D = 4096, L = 512, M = 320) in fp16 and bf16, a small memory
-    (M = 64), and fp32 at its largest memory (M = 128)."""
+    """LLaMA-7B's MemVP shape (D = 4096, L = 512, M = 320) in fp16, bf16 and fp32."""
     specs = []
-    for memory, dtype in ((320, torch.float16), (320, torch.bfloat16), (64, torch.float16),
-                          (128, torch.float32)):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x = torch.empty(1, 512, 4096, dtype=dtype, device="meta")
         t = pointer_type(dtype)
-        label = f"L=512 M={memory} D=4096 {str(dtype).removeprefix('torch.')}"
-        scalars = {"length": "i32", "memory": "i32", "dim": "i32", "scale": "fp32", "keep_scale": "fp32",
-                   "seed": "i32", "threshold": "i32"}
-        cfg = launch_config(x, memory, interpret=False)
-        warps = cfg.pop("num_warps")
+        label = f"L=512 M=320 D=4096 {str(dtype).removeprefix('torch.')}"
+        cfg = launch_config(x, 320, interpret=False)
+        act, backward, product = dict(cfg["act"]), dict(cfg["act_backward"]), dict(cfg["product"])
+        act_warps, backward_warps, product_warps = (c.pop("num_warps") for c in (act, backward, product))
         memory_cfg = memory_kernel_config(x, interpret=False)
         memory_warps = memory_cfg.pop("num_warps")
-        rows = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t}
+        sizes = {"length": "i32", "memory": "i32", "dim": "i32"}
+        act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t, **sizes,
+                    "scale": "fp32", "keep_scale": "fp32", "seed": "i32", "threshold": "i32"}
         specs += [
-            KernelSpec(memvp_fwd_kernel, {**rows, "out_ptr": t, **scalars}, {"DROPOUT": True, **cfg}, warps, label),
-            KernelSpec(memvp_bwd_rows_kernel, {**rows, "dout_ptr": t, "hidden_ptr": "*fp32", "dpre_ptr": "*fp32",
-                                               "dx_ptr": t, **scalars}, {"DROPOUT": True, **cfg}, warps, label),
+            KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": t, "dpre_ptr": t},
+                       {"BACKWARD": False, "DROPOUT": True, **act}, act_warps, label + " forward"),
+            KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": "*fp32", "dpre_ptr": "*fp32"},
+                       {"BACKWARD": True, "DROPOUT": True, **backward}, backward_warps, label + " backward"),
+            KernelSpec(memvp_times_memory_kernel, {"act_ptr": t, "z_ptr": t, "pos_ptr": t, "out_ptr": t, **sizes},
+                       product, product_warps, label),
             KernelSpec(memvp_bwd_memory_kernel, {
                 "act_ptr": "*fp32", "rows_ptr": t, "dz_ptr": "*fp32", "dpos_ptr": t, "batches": "i32",
                 "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},

@@ -146,16 +146,27 @@ def memvp_floor(s: MemVPShape) -> Cost:
     return Cost(moved, 4.0 * s.batch * s.length * s.memory * s.dim)
 
 
-def memvp_triton(s: MemVPShape, block_l: int, block_m: int) -> tuple[Cost, float]:
-    """The fused forward: x read and out written once; the memory rows z + key_pos and z + value_pos
-    are re-read by every block of rows. Assumed: those re-reads hit L2 (one sample's rows, 2 M D
-    elements plus the shared positions, are far below an H100's 50 MB L2 while its row blocks run),
-    so DRAM moves each once. FLOPs are spent on the memory padded to block_m. Returns the DRAM
-    cost and, for reference, the bytes read through L2."""
+def memvp_triton(s: MemVPShape, cfg: dict) -> tuple[Cost, float]:
+    """The two tiled products of kernels/memvp_memory.py as launch_config tiles them: the activation
+    kernel reads x once per memory tile and z + key_pos once per row tile, writing the (B, L, M)
+    activation; the product kernel reads the activation once per D tile and z + value_pos once per
+    row tile, writing out. Assumed: re-reads hit L2 when one sample's operand fits in half of it,
+    so DRAM moves x, z and the activation's write and read once each; FLOPs are spent on whole
+    (padded) tiles. Returns the DRAM cost and the bytes read through L2."""
     e = s.itemsize
-    row_blocks = triton.cdiv(s.length, block_l)
-    l2_bytes = s.batch * row_blocks * 4 * e * s.elements(s.memory)
-    return Cost(memvp_floor(s).bytes, 4.0 * s.batch * row_blocks * block_l * block_m * s.dim), l2_bytes
+    act, product = cfg["act"], cfg["product"]
+    row_tiles = triton.cdiv(s.length, act["BLOCK_L"])
+    mem_tiles = triton.cdiv(s.memory, act["BLOCK_M"])
+    d_tiles = triton.cdiv(s.dim, product["BLOCK_D"])
+    x, activation = s.batch * s.elements(s.length), s.batch * s.length * s.memory
+    memory = s.batch * s.elements(s.memory) + 2 * s.elements(s.memory)
+    dram = e * (2 * x + 2 * activation + memory)
+    l2 = e * (mem_tiles * x + row_tiles * 2 * s.batch * s.elements(s.memory)
+              + d_tiles * activation + triton.cdiv(s.length, product["BLOCK_L"]) * 2 * s.batch * s.elements(s.memory))
+    padded_l = row_tiles * act["BLOCK_L"]
+    flops = 2.0 * s.batch * padded_l * (mem_tiles * act["BLOCK_M"] * s.dim + triton.cdiv(s.memory, product["BLOCK_M"])
+                                        * product["BLOCK_M"] * d_tiles * product["BLOCK_D"])
+    return Cost(dram, flops), l2
 
 
 def memvp_eager(s: MemVPShape, dropout: bool = True) -> list[Cost]:
@@ -244,7 +255,7 @@ def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool =
 
         s = MemVPShape(dims["B"], dims["L"], dims["M"], dims["D"], itemsize=itemsize)
         cfg = launch_config(torch.empty(1, 1, s.dim, **meta), s.memory, interpret=False)
-        floor, (fused, _) = memvp_floor(s), memvp_triton(s, cfg["BLOCK_L"], cfg["BLOCK_M"])
+        floor, (fused, _) = memvp_floor(s), memvp_triton(s, cfg)
         eager = memvp_eager(s, dropout=False)
     else:
         from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, launch_config

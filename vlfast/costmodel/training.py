@@ -196,7 +196,7 @@ def fused_seconds_saved(setup: Setup, gpu: Hardware = A100) -> float:
         memory = MemVPShape(1, setup.text_tokens, setup.memory_rows, setup.llm.hidden)
         blocks = memvp_blocks(torch.empty(1, 1, memory.dim, dtype=torch.bfloat16, device="meta"), memory.memory,
                               interpret=False)
-        fused, _ = memvp_triton(memory, blocks["BLOCK_L"], blocks["BLOCK_M"])
+        fused, _ = memvp_triton(memory, blocks)
         saved += setup.llm.layers * (chain_seconds(memvp_eager(memory), gpu) - fused.seconds(gpu))
     return saved
 

@@ -24,7 +24,7 @@ MAX_CUDA_MEMORY = 512  # csrc/cuda/memvp_memory.cu keeps the block's (rows x M) 
 PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
 
 register_op("memvp_memory", {
-    "triton": f"fp16, bf16 with M <= 512, fp32 with M <= 128; D <= {MAX_DIM}; CUDA tensors",
+    "triton": f"fp32 (3-pass tf32), fp16, bf16; any M; D <= {MAX_DIM}; CUDA tensors",
     "cuda": f"fp16, bf16 on tensor cores (sm_80+); M <= {MAX_CUDA_MEMORY}; D <= {MAX_DIM}; CUDA tensors",
     "cpu": f"fp32, fp16, bf16 (computed in fp32); D <= {MAX_DIM}; CPU tensors",
     "torch": "any floating dtype and device (the reference)",
@@ -43,12 +43,6 @@ def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
             return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
         if z.shape[1] > MAX_CUDA_MEMORY:
             return f"cuda keeps the memory in shared memory: M <= {MAX_CUDA_MEMORY}, got {z.shape[1]}"
-    if backend == "triton":
-        from vlfast.kernels.memvp_memory import max_memory
-
-        if z.shape[1] > max_memory(x.dtype):
-            return (f"triton holds the whole memory per program in registers: M <= {max_memory(x.dtype)} "
-                    f"for {x.dtype}, got {z.shape[1]}")
     return None
 
 
