@@ -4,7 +4,8 @@ The C++/CUDA extension `vlfast._C` is built against the torch that is importable
 with `pip install --no-build-isolation -e .` after torch (see README). Environment switches:
 
   VLFAST_SKIP_CUDA_BUILD=1   build only the CPU kernels
-  VLFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (default 80 and 90)
+  VLFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (default 80 and 90; PTX of the newest
+                             is embedded too, for later GPUs)
   MAX_JOBS=N                 parallel compile jobs (read by torch's ninja builder)
 """
 from __future__ import annotations
@@ -95,7 +96,10 @@ def extension_modules():
         ]
     say(f"building CPU and CUDA kernels for sm_{archs.replace(';', ', sm_')} (CUDA_HOME={cuda_home})")
     wheel_includes, wheel_libs = nvidia_wheel_dirs()
+    # Machine code for each arch, plus PTX of the newest so that later GPUs can JIT-compile it.
+    newest = max(archs.split(";"), key=int)
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";")]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", *gencode,
                   "-DVLFAST_WITH_CUDA", *defines]
     return [

@@ -6,7 +6,20 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "checks.h"
+
 namespace vlfast {
+
+inline void check_memvp_memory(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
+                               const at::Tensor& value_pos, const at::Tensor* dout = nullptr) {
+  constexpr const char* op = "vlfast_C::memvp_memory";
+  check_floating(op, x);
+  check_arg(op, "x", x, {-1, -1, -1}, x);
+  check_arg(op, "z", z, {x.size(0), -1, x.size(2)}, x);
+  check_arg(op, "key_pos", key_pos, {z.size(1), x.size(2)}, x);
+  check_arg(op, "value_pos", value_pos, {z.size(1), x.size(2)}, x);
+  if (dout != nullptr) check_arg(op, "dout", *dout, {x.size(0), x.size(1), x.size(2)}, x);
+}
 
 at::Tensor memvp_memory_forward_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
                                     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed);

@@ -7,7 +7,39 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "checks.h"
+
 namespace vlfast {
+
+// The adapter's weights against x (B, L, D): down (R, D), (R); up (E, D, R), (E, D).
+inline void check_adapter_weights(const char* op, const at::Tensor& x, const at::Tensor& down_weight,
+                                  const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias) {
+  check_floating(op, x);
+  check_arg(op, "x", x, {-1, -1, -1}, x);
+  check_arg(op, "down_weight", down_weight, {-1, x.size(2)}, x);
+  check_arg(op, "down_bias", down_bias, {down_weight.size(0)}, x);
+  check_arg(op, "up_weight", up_weight, {-1, x.size(2), down_weight.size(0)}, x);
+  check_arg(op, "up_bias", up_bias, {up_weight.size(0), x.size(2)}, x);
+}
+
+inline void check_routed_adapter(const at::Tensor& x, const at::Tensor& router_input, const at::Tensor& router_weight,
+                                 const at::Tensor& router_bias, const at::Tensor& down_weight,
+                                 const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias) {
+  constexpr const char* op = "vlfast_C::routed_adapter";
+  check_adapter_weights(op, x, down_weight, down_bias, up_weight, up_bias);
+  check_arg(op, "router_input", router_input, {x.size(0), x.size(2)}, x);
+  check_arg(op, "router_weight", router_weight, {up_weight.size(0), x.size(2)}, x);
+  check_arg(op, "router_bias", router_bias, {up_weight.size(0)}, x);
+}
+
+inline void check_routed_adapter_backward_rows(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& down_weight, const at::Tensor& down_bias,
+                                               const at::Tensor& up_weight, const at::Tensor& up_bias) {
+  constexpr const char* op = "vlfast_C::routed_adapter_backward_rows";
+  check_adapter_weights(op, x, down_weight, down_bias, up_weight, up_bias);
+  check_arg(op, "dout", dout, {x.size(0), x.size(1), x.size(2)}, x);
+  check_arg(op, "weights", weights, {x.size(0), up_weight.size(0)}, x, at::kFloat);
+}
 
 at::Tensor routed_adapter_forward_cpu(const at::Tensor& x, const at::Tensor& router_input,
                                       const at::Tensor& router_weight, const at::Tensor& router_bias,

@@ -19,6 +19,18 @@ class ExtensionStatus:
     def has_cuda_kernels(self) -> bool:
         return bool(self.cuda_archs)
 
+    def cuda_device_reason(self, capability: tuple[int, int]) -> str | None:
+        """Why the CUDA kernels cannot run on a GPU of this compute capability, or None. Machine code
+        for sm_XY runs on X.Z with Z >= Y; the build also embeds PTX of its newest arch, which the
+        driver compiles for any later GPU."""
+        built = [(int(a[:-1]), int(a[-1])) for a in self.cuda_archs]
+        if any(major == capability[0] and minor <= capability[1] for major, minor in built) or (
+                built and capability >= max(built)):
+            return None
+        gpu = f"{capability[0]}{capability[1]}"
+        return (f"vlfast._C was built for sm_{', sm_'.join(self.cuda_archs)} (with PTX of the newest); this GPU is "
+                f"sm_{gpu}: rebuild with VLFAST_CUDA_ARCHS={gpu} pip install --no-build-isolation -e .")
+
 
 @functools.cache
 def extension_status() -> ExtensionStatus:

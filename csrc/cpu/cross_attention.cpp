@@ -39,6 +39,7 @@ std::vector<uint8_t> key_visibility(const std::optional<at::Tensor>& kv_mask, co
 std::tuple<at::Tensor, at::Tensor> cross_attention_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& kv_mask, double scale_d) {
+  check_cross_attention(q_in, k_in, v_in, kv_mask);
   const Shape s = shape_of(q_in, k_in);
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor k = k_in.to(at::kFloat).contiguous();
@@ -92,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const std::optional<at::Tensor>& kv_mask, const at::Tensor& out_in,
     const at::Tensor& lse_in, double scale_d) {
+  check_cross_attention_backward(dout_in, q_in, k_in, v_in, kv_mask, out_in, lse_in);
   const Shape s = shape_of(q_in, k_in);
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor k = k_in.to(at::kFloat).contiguous();

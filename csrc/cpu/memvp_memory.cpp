@@ -39,6 +39,7 @@ at::Tensor with_position(const at::Tensor& z, const at::Tensor& pos) {
 
 at::Tensor memvp_memory_forward_cpu(const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& key_pos,
                                     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x_in, z, key_pos, value_pos);
   const Problem p(x_in, z, scale, dropout_p, seed);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor keys = with_position(z, key_pos), values = with_position(z, value_pos);
@@ -61,6 +62,7 @@ at::Tensor memvp_memory_forward_cpu(const at::Tensor& x_in, const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& key_pos,
     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x_in, z, key_pos, value_pos, &dout_in);
   const Problem p(x_in, z, scale, dropout_p, seed);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor dout = dout_in.to(at::kFloat).contiguous();

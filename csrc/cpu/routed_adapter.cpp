@@ -52,6 +52,8 @@ at::Tensor routed_adapter_forward_cpu(const at::Tensor& x_in, const at::Tensor& 
                                       const at::Tensor& down_weight_in, const at::Tensor& down_bias_in,
                                       const at::Tensor& up_weight, const at::Tensor& up_bias, double temperature,
                                       double scale_d, double dropout_p, int64_t seed) {
+  check_routed_adapter(x_in, router_input, router_weight, router_bias, down_weight_in, down_bias_in, up_weight,
+                       up_bias);
   const Sizes s = sizes_of(x_in, down_weight_in, up_weight);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor down_weight = down_weight_in.to(at::kFloat).contiguous();
@@ -91,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_ad
     const at::Tensor& dout_in, const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& down_weight_in,
     const at::Tensor& down_bias_in, const at::Tensor& up_weight, const at::Tensor& up_bias, double scale_d,
     double dropout_p, int64_t seed) {
+  check_routed_adapter_backward_rows(dout_in, x_in, weights, down_weight_in, down_bias_in, up_weight, up_bias);
   const Sizes s = sizes_of(x_in, down_weight_in, up_weight);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor dout = dout_in.to(at::kFloat).contiguous();

@@ -290,6 +290,12 @@ void dispatch_dtype_and_head_dim(at::ScalarType dtype, int64_t dim, Fn&& fn) {
   });
 }
 
+// Heads and batch are grid axes y and z, each limited to 65535 blocks.
+void check_grid(int64_t batch, int64_t heads) {
+  TORCH_CHECK(batch <= 65535 && heads <= 65535, "vlfast_C::cross_attention (cuda): batch and heads must be <= 65535, ",
+              "got ", batch, " and ", heads, "; the triton backend has no such limit");
+}
+
 const bool* mask_ptr(const std::optional<at::Tensor>& kv_mask) {
   return kv_mask.has_value() ? kv_mask->data_ptr<bool>() : nullptr;
 }
@@ -299,11 +305,13 @@ const bool* mask_ptr(const std::optional<at::Tensor>& kv_mask) {
 std::tuple<at::Tensor, at::Tensor> cross_attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& kv_mask, double scale) {
+  check_cross_attention(q, k, v, kv_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   constexpr int kWarps = 2;  // 32 query rows per block: the Q-Former's 32 queries in one tile
+  check_grid(B, H);
   const dim3 grid((Lq + kTile * kWarps - 1) / (kTile * kWarps), H, B);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype_and_head_dim(q.scalar_type(), D, [&](auto dpad, auto type_tag) {
@@ -325,12 +333,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& kv_mask, const at::Tensor& out, const at::Tensor& lse,
     double scale) {
+  check_cross_attention_backward(dout, q, k, v, kv_mask, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   constexpr int kWarps = 4;  // 64 keys per block
+  check_grid(B, H);
   const dim3 grid((Lk + kTile * kWarps - 1) / (kTile * kWarps), H, B);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype_and_head_dim(q.scalar_type(), D, [&](auto dpad, auto type_tag) {

@@ -263,6 +263,7 @@ void check_memory(int64_t memory) {
 
 at::Tensor memvp_memory_forward_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
                                      const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x, z, key_pos, value_pos);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), M = z.size(1);
   check_memory(M);
@@ -286,6 +287,7 @@ at::Tensor memvp_memory_forward_cuda(const at::Tensor& x, const at::Tensor& z, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cuda(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x, z, key_pos, value_pos, &dout);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), M = z.size(1);
   check_memory(M);

@@ -283,6 +283,7 @@ at::Tensor routed_adapter_forward_cuda(const at::Tensor& x, const at::Tensor& ro
                                        const at::Tensor& down_weight, const at::Tensor& down_bias,
                                        const at::Tensor& up_weight, const at::Tensor& up_bias, double temperature,
                                        double scale, double dropout_p, int64_t seed) {
+  check_routed_adapter(x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), R = down_weight.size(0), E = up_weight.size(0);
   TORCH_CHECK(E <= kMaxExperts, "vlfast cuda routed_adapter: at most ", kMaxExperts, " experts, got ", E);
@@ -309,6 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_ad
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& down_weight,
     const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias, double scale,
     double dropout_p, int64_t seed) {
+  check_routed_adapter_backward_rows(dout, x, weights, down_weight, down_bias, up_weight, up_bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), R = down_weight.size(0), E = up_weight.size(0);
   TORCH_CHECK(E <= kMaxExperts, "vlfast cuda routed_adapter: at most ", kMaxExperts, " experts, got ", E);

@@ -6,6 +6,7 @@
 #include <mma.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 namespace vlfast {
@@ -51,6 +52,11 @@ __device__ void load_tile(T* tile, const T* src, const T* add, int row0, int row
 // Lets a kernel use more than the default 48 KiB of dynamic shared memory.
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  // The opt-in limit differs by GPU (227 KiB on H100, 163 KiB on A100, 99 KiB on A10 / L4 / L40S):
+  // a launch beyond it would fail with an unhelpful error, so say what this one needs.
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(bytes <= limit, "vlfast_C: this kernel configuration needs ", bytes / 1024, " KiB of shared memory per ",
+              "block, this GPU allows ", limit / 1024, " KiB; use the triton or torch backend (backend='triton')");
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   }

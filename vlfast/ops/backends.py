@@ -9,6 +9,7 @@ or None when it can.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -75,12 +76,20 @@ def triton_device_reason(device: torch.device) -> str | None:
 
 
 def extension_device_reason(device: torch.device) -> str | None:
-    """The C++ kernels: `cpu` on CPU tensors, `cuda` on CUDA tensors when built with CUDA."""
+    """The C++ kernels: `cpu` on CPU tensors, `cuda` on CUDA tensors when built with CUDA for a
+    compute capability that runs on the tensors' GPU."""
     if not EXTENSION.loaded:
         return EXTENSION.reason
-    if device.type == "cuda" and not EXTENSION.has_cuda_kernels:
-        return "vlfast._C was built without CUDA kernels (see `python -m vlfast.info`)"
+    if device.type == "cuda":
+        if not EXTENSION.has_cuda_kernels:
+            return "vlfast._C was built without CUDA kernels (see `python -m vlfast.info`)"
+        return _capability_reason(torch.cuda.current_device() if device.index is None else device.index)
     return None
+
+
+@functools.cache
+def _capability_reason(index: int) -> str | None:
+    return EXTENSION.cuda_device_reason(torch.cuda.get_device_capability(index))
 
 
 def device_reason(backend: str, device: torch.device) -> str | None:
@@ -138,4 +147,5 @@ def machine_reason(backend: str) -> str | None:
             return f"vlfast._C was built without CUDA kernels ({EXTENSION.no_cuda_reason})"
         if not has_gpu:
             return f"built for sm_{', sm_'.join(EXTENSION.cuda_archs)} but there is no CUDA device"
+        return _capability_reason(torch.cuda.current_device())
     return None
