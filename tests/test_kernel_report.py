@@ -36,6 +36,10 @@ def test_cuda_kernels_have_no_spills_and_use_tensor_cores(rows):
     cuda_rows = [r for r in rows if r.source == "cuda"]
     assert {r.kernel for r in cuda_rows} >= {"cross_attention_forward_kernel", "cross_attention_backward_kernel"}
     assert report.problems(cuda_rows) == []
+    # PTX of the newest arch rides along, for GPUs newer than the machine code.
+    ptx = subprocess.run([report.cuobjdump(), "--list-ptx", report.extension_library()], capture_output=True,
+                         text=True, check=True).stdout
+    assert all(f"{op}.sm_" in ptx for op in ("cross_attention", "memvp_memory", "routed_adapter")), ptx
 
 
 def test_problems_flags_spills_shared_memory_and_missing_tensor_cores(rows):
