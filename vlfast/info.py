@@ -38,7 +38,7 @@ def report() -> str:
             why = machine_reason(backend)
             state = "available" if why is None else f"unavailable: {why}"
             lines.append(f"  {backend:7} {state}")
-            lines.append(f"  {'':7} supports {supports[backend]}")
+            lines.append(f"  {'':7} supports {supports[backend].describe(backend)}")
         orders = "; ".join(f"{device.upper()} tensors: {', '.join(order)}"
                            for device, order in OP_PREFERENCE[op].items())
         lines.append(f"  auto    the first that takes the input, fastest measured first: {orders}")

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,17 +23,59 @@ AUTO = "auto"
 
 _default_backend = AUTO
 
-# op name -> backend -> what that backend supports, filled in by each op's module; read by
-# `python -m vlfast.info`.
-OP_SUPPORT: dict[str, dict[str, str]] = {}
-# op name -> device type -> auto's order (torch last), also read by `python -m vlfast.info`.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_WIDTH = 8192  # the widest hidden size the kernels are tested at (LLaMA-65B)
+TENSORS = {"triton": "CUDA tensors", "cuda": "CUDA tensors", "cpu": "CPU tensors", "torch": "any device"}
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend of an op takes: dtypes (None: any floating dtype), upper limits on named
+    sizes, and notes: how it computes, why a dtype or a limit holds. The refusal messages and
+    `python -m vlfast.info` are written from it."""
+
+    dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES
+    limits: dict[str, int] = field(default_factory=dict)
+    note: str = ""  # how it computes, shown by vlfast.info
+    dtype_why: str = ""  # appended to a dtype refusal
+    limit_why: str = ""  # appended to a size refusal
+
+    def describe(self, backend: str) -> str:
+        dtypes = "any floating dtype" if self.dtypes is None else ", ".join(_name(d) for d in self.dtypes)
+        limits = [f"{name} <= {limit}" for name, limit in self.limits.items()]
+        return "; ".join([dtypes, *limits, TENSORS[backend], *([self.note] if self.note else [])])
+
+    def reason(self, backend: str, dtype: torch.dtype, sizes: dict[str, int]) -> str | None:
+        if self.dtypes is not None and dtype not in self.dtypes:
+            why = f": {self.dtype_why}" if self.dtype_why else ""
+            return f"{backend} supports {', '.join(_name(d) for d in self.dtypes)}, got {_name(dtype)}{why}"
+        for name, limit in self.limits.items():
+            if sizes[name] > limit:
+                why = f" ({self.limit_why})" if self.limit_why else ""
+                return f"{backend} supports {name} <= {limit}, got {sizes[name]}{why}"
+        return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# op name -> backend -> what it supports; op name -> device type -> auto's order (torch last). Filled
+# in by each op's module; read by `python -m vlfast.info`.
+OP_SUPPORT: dict[str, dict[str, Support]] = {}
 OP_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {}
 
 
-def register_op(name: str, supports: dict[str, str], preference: dict[str, tuple[str, ...]]) -> None:
-    assert set(supports) == set(BACKENDS), f"{name} must describe every backend"
-    OP_SUPPORT[name] = supports
+def register_op(name: str, support: dict[str, Support], preference: dict[str, tuple[str, ...]]) -> None:
+    assert set(support) == set(BACKENDS), f"{name} must describe every backend"
+    OP_SUPPORT[name] = support
     OP_PREFERENCE[name] = {device: auto_order(order) for device, order in preference.items()}
+
+
+def support_reason(op: str, backend: str, dtype: torch.dtype, sizes: dict[str, int]) -> str | None:
+    """Why `backend` of `op` cannot take inputs of this dtype and these named sizes, or None."""
+    return OP_SUPPORT[op][backend].reason(backend, dtype, sizes)
 
 
 def auto_order(preference: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,64 +10,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlfast._extension import cpp_ops
-from vlfast.ops import reference
-from vlfast.ops.backends import register_op, resolve_backend
+from vlfast.ops.backends import HALF_DTYPES, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor
+from vlfast.ops.glue import kernel, register_backward
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_TRITON_HEAD_DIM = 256
-MAX_CUDA_HEAD_DIM = 128
 # `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU by
 # benchmarks/test_cross_attention.py (the C++ kernel is scalar code, torch's batched matmuls are
 # not); on an H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: bf16
 # forward triton 54 us, eager 111 us; forward + backward cuda 611 us, triton 749 us, eager 907 us).
 PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton", "cuda")}
-
-
-register_op("cross_attention", {
-    "triton": f"fp32 (3-pass tf32), fp16, bf16; head dim <= {MAX_TRITON_HEAD_DIM}; CUDA tensors",
-    "cuda": f"fp16, bf16 on tensor cores (sm_80+); head dim <= {MAX_CUDA_HEAD_DIM}; CUDA tensors",
-    "cpu": "fp32, fp16, bf16 (computed in fp32); CPU tensors",
-    "torch": "any floating dtype and device (the reference)",
-}, PREFERENCE)
+SUPPORT = {
+    "triton": Support(limits={"head dim": 256}, note="fp32 as 3-pass tf32"),
+    "cuda": Support(HALF_DTYPES, {"head dim": 128}, note="tensor cores (sm_80+)",
+                    dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
+    "cpu": Support(note="computed in fp32"),
+    "torch": Support(None, note="the reference"),
+}
+register_op("cross_attention", SUPPORT, PREFERENCE)
 
 
 def unsupported_reason(backend: str, q: Tensor) -> str | None:
     """Why `backend` cannot take these (already validated) inputs, or None."""
-    head_dim = q.shape[-1]
-    if backend == "torch":
-        return None
-    if q.dtype not in FLOAT_DTYPES:
-        return f"{backend} supports float32, float16 and bfloat16, got {q.dtype}"
-    if backend == "triton" and head_dim > MAX_TRITON_HEAD_DIM:
-        return f"triton supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}"
-    if backend == "cuda":
-        if q.dtype == torch.float32:
-            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
-        if head_dim > MAX_CUDA_HEAD_DIM:
-            return f"cuda supports head dims up to {MAX_CUDA_HEAD_DIM}, got {head_dim}"
-    return None
-
-
-def _run_forward(backend: str, q, k, v, kv_mask, scale):
-    if backend == "torch":
-        return reference.cross_attention_forward(q, k, v, kv_mask, scale)
-    if backend == "triton":
-        from vlfast.kernels import cross_attention as triton_kernels
-
-        return triton_kernels.cross_attention_forward(q, k, v, kv_mask, scale)
-    return cpp_ops().cross_attention_forward(q, k, v, kv_mask, scale)
-
-
-def _run_backward(backend: str, dout, q, k, v, kv_mask, out, lse, scale):
-    if backend == "torch":
-        return reference.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
-    if backend == "triton":
-        from vlfast.kernels import cross_attention as triton_kernels
-
-        return triton_kernels.cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
-    return cpp_ops().cross_attention_backward(dout, q, k, v, kv_mask, out, lse, scale)
+    return support_reason("cross_attention", backend, q.dtype, {"head dim": q.shape[-1]})
 
 
 @torch.library.custom_op("vlfast::cross_attention_fwd", mutates_args=())
@@ -75,7 +39,7 @@ def cross_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) for contiguous inputs on the named backend; see `cross_attention`."""
-    return _run_forward(backend, q, k, v, kv_mask, scale)
+    return kernel(backend, "cross_attention", "forward")(q, k, v, kv_mask, scale)
 
 
 @cross_attention_fwd.register_fake
@@ -89,7 +53,7 @@ def cross_attention_bwd(
     out: Tensor, lse: Tensor, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) on the named backend."""
-    return _run_backward(backend, dout.contiguous(), q, k, v, kv_mask, out, lse, scale)
+    return kernel(backend, "cross_attention", "backward")(dout.contiguous(), q, k, v, kv_mask, out, lse, scale)
 
 
 @cross_attention_bwd.register_fake
@@ -97,21 +61,7 @@ def _(dout, q, k, v, kv_mask, out, lse, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_mask, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, kv_mask, out, lse)
-    ctx.scale, ctx.backend = scale, backend
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, kv_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = cross_attention_bwd(dout, q, k, v, kv_mask, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
-
-
-cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_backward(cross_attention_fwd, cross_attention_bwd, tensors=4, save_outputs=True)
 
 
 def cross_attention(

@@ -9,52 +9,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlfast._extension import cpp_ops
-from vlfast.ops import reference
-from vlfast.ops.backends import register_op, resolve_backend
+from vlfast.ops.backends import HALF_DTYPES, MAX_WIDTH, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
+from vlfast.ops.glue import kernel, register_backward
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_DIM = 8192
-MAX_CUDA_MEMORY = 512  # csrc/cuda/memvp_memory.cu keeps the block's (rows x M) activation in shared memory
 # `auto`'s order per device type, fastest first: on CPU by benchmarks/test_memvp_memory.py; on an
 # H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: at B=8 L=512 M=320
-# D=4096 bf16 the forward takes 130 us in plain PyTorch, 1105 us in triton, 18.8 ms in cuda): plain
-# PyTorch until the kernels are rewritten.
+# D=4096 bf16 the forward took 130 us in plain PyTorch, 1105 us in triton, 18.8 ms in cuda): plain
+# PyTorch until the rewritten Triton kernels are measured.
 PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
-
-register_op("memvp_memory", {
-    "triton": f"fp32 (3-pass tf32), fp16, bf16; any M; D <= {MAX_DIM}; CUDA tensors",
-    "cuda": f"fp16, bf16 on tensor cores (sm_80+); M <= {MAX_CUDA_MEMORY}; D <= {MAX_DIM}; CUDA tensors",
-    "cpu": f"fp32, fp16, bf16 (computed in fp32); D <= {MAX_DIM}; CPU tensors",
-    "torch": "any floating dtype and device (the reference)",
-}, PREFERENCE)
+SUPPORT = {
+    "triton": Support(limits={"D": MAX_WIDTH}, note="any M; fp32 as 3-pass tf32"),
+    "cuda": Support(HALF_DTYPES, {"D": MAX_WIDTH, "M": 512}, note="tensor cores (sm_80+)",
+                    dtype_why="the cuda kernels run on tensor cores; use triton for float32",
+                    limit_why="csrc/cuda/memvp_memory.cu keeps a block's (rows x M) activation in shared memory"),
+    "cpu": Support(limits={"D": MAX_WIDTH}, note="computed in fp32"),
+    "torch": Support(None, note="the reference"),
+}
+register_op("memvp_memory", SUPPORT, PREFERENCE)
 
 
 def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
-    if backend == "torch":
-        return None
-    if x.dtype not in FLOAT_DTYPES:
-        return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
-    if x.shape[-1] > MAX_DIM:
-        return f"{backend} supports D up to {MAX_DIM}, got {x.shape[-1]}"
-    if backend == "cuda":
-        if x.dtype == torch.float32:
-            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
-        if z.shape[1] > MAX_CUDA_MEMORY:
-            return f"cuda keeps the memory in shared memory: M <= {MAX_CUDA_MEMORY}, got {z.shape[1]}"
-    return None
-
-
-def _kernels(backend: str):
-    if backend == "torch":
-        return reference.memvp_memory_forward, reference.memvp_memory_backward
-    if backend == "triton":
-        from vlfast.kernels import memvp_memory as triton_kernels
-
-        return triton_kernels.memvp_memory_forward, triton_kernels.memvp_memory_backward
-    ops = cpp_ops()
-    return ops.memvp_memory_forward, ops.memvp_memory_backward
+    return support_reason("memvp_memory", backend, x.dtype, {"D": x.shape[-1], "M": z.shape[1]})
 
 
 @torch.library.custom_op("vlfast::memvp_memory_fwd", mutates_args=())
@@ -63,7 +39,7 @@ def memvp_memory_fwd(
     backend: str,
 ) -> Tensor:
     """The forward on the named backend, for contiguous inputs; see `memvp_memory`."""
-    return _kernels(backend)[0](x, z, key_pos, value_pos, scale, dropout_p, seed)
+    return kernel(backend, "memvp_memory", "forward")(x, z, key_pos, value_pos, scale, dropout_p, seed)
 
 
 @memvp_memory_fwd.register_fake
@@ -77,7 +53,8 @@ def memvp_memory_bwd(
     seed: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dz, dkey_pos, dvalue_pos) on the named backend."""
-    return _kernels(backend)[1](dout.contiguous(), x, z, key_pos, value_pos, scale, dropout_p, seed)
+    return kernel(backend, "memvp_memory", "backward")(dout.contiguous(), x, z, key_pos, value_pos, scale, dropout_p,
+                                                           seed)
 
 
 @memvp_memory_bwd.register_fake
@@ -85,18 +62,7 @@ def _(dout, x, z, key_pos, value_pos, scale, dropout_p, seed, backend):
     return torch.empty_like(x), torch.empty_like(z), torch.empty_like(key_pos), torch.empty_like(value_pos)
 
 
-def _setup_context(ctx, inputs, output):
-    x, z, key_pos, value_pos, scale, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, z, key_pos, value_pos)
-    ctx.args = (scale, dropout_p, seed, backend)
-
-
-def _backward(ctx, dout):
-    grads = memvp_memory_bwd(dout, *ctx.saved_tensors, *ctx.args)
-    return (*grads, None, None, None, None)
-
-
-memvp_memory_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_backward(memvp_memory_fwd, memvp_memory_bwd, tensors=4)
 
 
 def memvp_memory(

@@ -13,63 +13,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlfast._extension import cpp_ops
 from vlfast.ops import reference
-from vlfast.ops.backends import register_op, resolve_backend
+from vlfast.ops.backends import HALF_DTYPES, MAX_WIDTH, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
+from vlfast.ops.glue import kernel, register_backward
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_DIM = 8192
 MAX_RANK = 64
-MAX_CUDA_EXPERTS = 16  # csrc/cuda/routed_adapter.cu keeps the routing weights in shared memory
 # `auto`'s order per device type, fastest first: on CPU by benchmarks/test_routed_adapter.py; on an
 # H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: 16384 tokens,
 # D=4096, bf16 forward + backward triton 2.05 ms, eager 3.10 ms, cuda 6.83 ms).
 PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton",)}
-
-register_op("routed_adapter", {
-    "triton": f"fp32, fp16, bf16; rank <= {MAX_RANK}; D <= {MAX_DIM}; CUDA tensors",
-    "cuda": f"fp16, bf16 on tensor cores (sm_80+); rank <= {MAX_RANK}; E <= {MAX_CUDA_EXPERTS}; CUDA tensors",
-    "cpu": f"fp32, fp16, bf16 (computed in fp32); rank <= {MAX_RANK}; D <= {MAX_DIM}; CPU tensors",
-    "torch": "any floating dtype and device (the reference)",
-}, PREFERENCE)
+SUPPORT = {
+    "triton": Support(limits={"D": MAX_WIDTH, "rank": MAX_RANK}, note="fp32 as 3-pass tf32"),
+    "cuda": Support(HALF_DTYPES, {"rank": MAX_RANK, "experts": 16}, note="tensor cores (sm_80+)",
+                    dtype_why="the cuda kernels run on tensor cores; use triton for float32",
+                    limit_why="csrc/cuda/routed_adapter.cu keeps the routing weights in shared memory"),
+    "cpu": Support(limits={"D": MAX_WIDTH, "rank": MAX_RANK}, note="computed in fp32"),
+    "torch": Support(None, note="the reference"),
+}
+register_op("routed_adapter", SUPPORT, PREFERENCE)
 
 ARGUMENTS = ("x", "router_input", "router_weight", "router_bias", "down_weight", "down_bias", "up_weight", "up_bias")
 
 
 def unsupported_reason(backend: str, x: Tensor, rank: int, experts: int) -> str | None:
-    if backend == "torch":
-        return None
-    if backend == "cuda":
-        if x.dtype == torch.float32:
-            return "the cuda kernels run fp16/bf16 on tensor cores; use triton for float32"
-        if experts > MAX_CUDA_EXPERTS:
-            return f"cuda supports up to {MAX_CUDA_EXPERTS} experts, got {experts}"
-    if x.dtype not in FLOAT_DTYPES:
-        return f"{backend} supports float32, float16 and bfloat16, got {x.dtype}"
-    if x.shape[-1] > MAX_DIM:
-        return f"{backend} supports D up to {MAX_DIM}, got {x.shape[-1]}"
-    if rank > MAX_RANK:
-        return f"{backend} supports ranks up to {MAX_RANK}, got {rank}"
-    return None
-
-
-def _forward_kernel(backend: str):
-    if backend == "torch":
-        return reference.routed_adapter_forward
-    if backend == "triton":
-        from vlfast.kernels import routed_adapter as triton_kernels
-
-        return triton_kernels.routed_adapter_forward
-    return cpp_ops().routed_adapter_forward
-
-
-def _backward_rows_kernel(backend: str):
-    if backend == "triton":
-        from vlfast.kernels import routed_adapter as triton_kernels
-
-        return triton_kernels.routed_adapter_backward_rows
-    return cpp_ops().routed_adapter_backward_rows
+    return support_reason("routed_adapter", backend, x.dtype, {"D": x.shape[-1], "rank": rank, "experts": experts})
 
 
 @torch.library.custom_op("vlfast::routed_adapter_fwd", mutates_args=())
@@ -79,8 +47,9 @@ def routed_adapter_fwd(
     seed: int, backend: str,
 ) -> Tensor:
     """The forward on the named backend, for contiguous inputs; see `routed_adapter`."""
-    return _forward_kernel(backend)(x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight,
-                                    up_bias, temperature, scale, dropout_p, seed)
+    return kernel(backend, "routed_adapter", "forward")(x, router_input, router_weight, router_bias, down_weight,
+                                                         down_bias, up_weight, up_bias, temperature, scale, dropout_p,
+                                                         seed)
 
 
 @routed_adapter_fwd.register_fake
@@ -100,7 +69,7 @@ def routed_adapter_bwd(
     if backend == "torch":
         return reference.routed_adapter_backward(dout, *inputs, temperature, scale, dropout_p, seed)
     weights = reference.routing_weights(router_input, router_weight, router_bias, temperature)
-    dx, ddown_weight, ddown_bias, dmixed_up, dmixed_bias = _backward_rows_kernel(backend)(
+    dx, ddown_weight, ddown_bias, dmixed_up, dmixed_bias = kernel(backend, "routed_adapter", "backward_rows")(
         dout, x, weights, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed)
     drouter_input, drouter_weight, drouter_bias, dup_weight, dup_bias = reference.routing_and_expert_grads(
         weights, dmixed_up, dmixed_bias, router_input, router_weight, up_weight, up_bias, temperature)
@@ -112,16 +81,7 @@ def _(dout, *args):
     return tuple(torch.empty_like(t) for t in args[:8])
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.args = inputs[8:]
-
-
-def _backward(ctx, dout):
-    return (*routed_adapter_bwd(dout, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
-
-
-routed_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_backward(routed_adapter_fwd, routed_adapter_bwd, tensors=8)
 
 
 def routed_adapter(
