@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.tiny_models import tiny_llama
 from vlfast import defaults
-from vlfast.pformer import PFormer, PFormerConfig, alignment_loss
+from vlfast.models.pformer import PFormer, PFormerConfig, alignment_loss, load
 from vlfast.pformer.__main__ import main as pformer_main
-from vlfast.pformer.model import contrastive_loss, load, mask_tokens, nearest_word_loss
+from vlfast.pformer.losses import contrastive_loss, mask_tokens, nearest_word_loss
 from vlfast.transfer.__main__ import main as transfer_main
 
 TINY = ["--shapes-images", "48", "--batch-size", "16", "--hidden-size", "32", "--num-layers", "1"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlfast.transfer import checkpoint
+from vlfast.training import checkpoint
 from vlfast.transfer.evaluate import cider, tokenize_for_cider
 from vlfast.transfer.report import build, epochs_to_reach
 

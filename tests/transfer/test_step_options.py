@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.transfer.conftest import run_cli
+from vlfast.training import epoch_steps
 from vlfast.transfer.__main__ import main
-from vlfast.transfer.loop import _steps
 
 ARGUMENTS = ["--preset", "smoke", "--no-baseline"]
 
@@ -19,8 +19,8 @@ def weights(out, run: str) -> dict[str, torch.Tensor]:
 
 
 def test_steps_of_accumulated_batches_hold_the_large_batches_examples():
-    large = _steps(100, 16, 1, world=1, seed=3)
-    small = _steps(100, 4, 4, world=1, seed=3)
+    large = epoch_steps(100, 16, 1, world=1, seed=3)
+    small = epoch_steps(100, 4, 4, world=1, seed=3)
     assert len(large) == len(small) == 7
     assert [torch.cat(step).tolist() for step in small] == [torch.cat(step).tolist() for step in large]
 
@@ -75,3 +75,4 @@ def test_checkpointing_trains_to_the_same_weights(tiny_defaults, tmp_path):
             torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
     with pytest.raises(SystemExit, match="grad_checkpointing must be off with the memory connector or --mma"):
         main([*ARGUMENTS, "--grad-checkpointing", "--connector", "memory", "--output-dir", str(tmp_path / "bad")])
+
