@@ -159,6 +159,13 @@ def test_resume_after_sigterm_gives_the_uninterrupted_numbers(tiny_defaults, tmp
            [{k: v for k, v in h.items() if k != "wall_s"} for h in whole]
 
 
+def test_a_step_budget_and_validations_every_n_steps(tiny_defaults, tmp_path):
+    """48 scenes x 4 phrasings, 9 held out: 183 captions, 12 steps an epoch in batches of 16."""
+    history = pformer_main(["train", *TINY, "--max-steps", "5", "--eval-every", "2", "--output-dir", str(tmp_path)])
+    assert [(h["step"], h["epoch"]) for h in history] == [(2, 0.167), (4, 0.333), (5, 0.417)]
+    assert all(h["val_reconstruction"] > 0 for h in history)
+
+
 @pytest.fixture(scope="module")
 def tiny_pformer(tmp_path_factory, tiny_cache):
     """A P-Former for the tiny target LM (8 prompts, the smoke preset's query tokens)."""

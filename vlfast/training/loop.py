@@ -139,8 +139,8 @@ class Run:
                 if bisect.bisect_right(ends, step) != stage_index:
                     stage_index = bisect.bisect_right(ends, step)
                     stage = self.stages[stage_index]
-                    optimizer, scheduler = self.start(stage, ends[stage_index] - (ends[stage_index - 1]
-                                                                                   if stage_index else 0))
+                    first = ends[stage_index - 1] if stage_index else 0
+                    optimizer, scheduler = self.start(stage, ends[stage_index] - first)
                     if resumed.get("stage") == stage_index:
                         optimizer.load_state_dict(resumed["optimizer"])
                         scheduler.load_state_dict(resumed["scheduler"])

@@ -229,6 +229,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
     if not processes.main:  # only the main process evaluates
         return {}
     summary = report.build(results, config.metric, processes.world,
-                           {"total_s": round(time.perf_counter() - begin, 1), "converter": converter_report})
+                           {"total_s": round(time.perf_counter() - begin, 1), "converter": converter_report},
+                           "step" if config.max_steps else "epoch")
     report.write(summary, out)
     return summary
