@@ -27,6 +27,7 @@ from tqdm import tqdm
 from vlfast.data.shapes import Scene, make_scene, vocabulary
 
 VERSION = 3  # part of the cache path: a new version never loads an older build
+DEFAULT = "default"  # the value of a setting (an LLM, a vision tower) that names the embedded default part
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 

@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.tiny_models import tiny_llama
 from vlfast import defaults
-from vlfast.pformer import PFormer, PFormerConfig, alignment_loss
+from vlfast.models.pformer import PFormer, PFormerConfig, alignment_loss, load
 from vlfast.pformer.__main__ import main as pformer_main
-from vlfast.pformer.model import contrastive_loss, load, mask_tokens, nearest_word_loss
+from vlfast.pformer.losses import contrastive_loss, mask_tokens, nearest_word_loss
 from vlfast.transfer.__main__ import main as transfer_main
 
 TINY = ["--shapes-images", "48", "--batch-size", "16", "--hidden-size", "32", "--num-layers", "1"]
@@ -157,6 +157,13 @@ def test_resume_after_sigterm_gives_the_uninterrupted_numbers(tiny_defaults, tmp
     resumed = pformer_main(["train", "--resume", "--output-dir", str(tmp_path / "cut")])
     assert [{k: v for k, v in h.items() if k != "wall_s"} for h in resumed] == \
            [{k: v for k, v in h.items() if k != "wall_s"} for h in whole]
+
+
+def test_a_step_budget_and_validations_every_n_steps(tiny_defaults, tmp_path):
+    """48 scenes x 4 phrasings, 9 held out: 183 captions, 12 steps an epoch in batches of 16."""
+    history = pformer_main(["train", *TINY, "--max-steps", "5", "--eval-every", "2", "--output-dir", str(tmp_path)])
+    assert [(h["step"], h["epoch"]) for h in history] == [(2, 0.167), (4, 0.333), (5, 0.417)]
+    assert all(h["val_reconstruction"] > 0 for h in history)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlfast.transfer import checkpoint
+from vlfast.training import checkpoint
 from vlfast.transfer.evaluate import cider, tokenize_for_cider
-from vlfast.transfer.report import build, epochs_to_reach
+from vlfast.transfer.report import build, first_reaching, table
 
 
-def history(scores, metric="val_loss", seconds=10.0):
-    return {"history": [{"epoch": i + 1, metric: s, "wall_s": seconds * (i + 1)} for i, s in enumerate(scores)],
-            "wall_s": seconds * len(scores), "steps": 4 * len(scores)}
+def history(scores, metric="val_loss", seconds=10.0, every=4, steps_per_epoch=4):
+    """A run validated every `every` steps, `seconds` of training apart."""
+    entries = [{"epoch": (i + 1) * every // steps_per_epoch if (i + 1) * every % steps_per_epoch == 0
+                else (i + 1) * every / steps_per_epoch, "step": (i + 1) * every, metric: s, "wall_s": seconds * (i + 1)}
+               for i, s in enumerate(scores)]
+    return {"history": entries, "wall_s": seconds * len(scores), "steps": every * len(scores)}
 
 
 def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
@@ -23,10 +26,27 @@ def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
     assert report["speedup"] == pytest.approx(4 / 3)
     assert report["speedup_wall"] == pytest.approx(40 / 15)
     assert report["runs"]["transfer"]["seconds_per_step"] == pytest.approx(20 / 16)
+    assert report["unit"] == "epoch" and report["runs"]["transfer"]["steps_to_target"] == 12
+    lines = table(report).splitlines()
+    assert lines[1].startswith("epoch ") and lines[2].startswith("    1 ")
+    assert "reaches it at epoch 3 (15 s; stage 1 is an epoch): speed-up 1.33x in epochs" in table(report)
+
+
+def test_a_step_based_report_counts_in_steps_with_the_epochs_alongside():
+    results = {"scratch": history([0.9, 0.8, 0.7, 0.65, 0.66, 0.65], every=3),
+               "transfer": history([0.8, 0.66, 0.64, 0.6], seconds=5, every=3)}
+    report = build(results, "val_loss", 1, {}, unit="step")
+    assert report["unit"] == "step" and report["speedup"] == pytest.approx(12 / 9)
+    scratch, transfer = report["runs"]["scratch"], report["runs"]["transfer"]
+    assert (scratch["best_step"], scratch["best_epoch"], transfer["steps_to_target"]) == (12, 3, 9)
+    assert transfer["epochs_to_target"] == pytest.approx(2.25)
+    text = table(report)
+    assert text.splitlines()[1].startswith(" step  epoch ") and "    9   2.25 " in text
+    assert "reaches it at step 9, epoch 2.25 (15 s): speed-up 1.33x in steps, 2.67x in wall time" in text
 
 
 def test_higher_is_better_metrics_and_a_target_never_reached():
-    assert epochs_to_reach(history([0.1, 0.5, 0.4], "cider")["history"], "cider", 0.45) == 2
+    assert first_reaching(history([0.1, 0.5, 0.4], "cider")["history"], "cider", 0.45)["epoch"] == 2
     results = {"scratch": history([0.2, 0.6], "cider"), "transfer": history([0.3, 0.5], "cider")}
     report = build(results, "cider", 2, {})
     assert report["speedup"] is None and report["runs"]["transfer"]["epochs_to_target"] is None

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.transfer.conftest import run_cli
+from vlfast.training import epoch_steps
 from vlfast.transfer.__main__ import main
-from vlfast.transfer.loop import _steps
 
 ARGUMENTS = ["--preset", "smoke", "--no-baseline"]
 
@@ -19,8 +19,8 @@ def weights(out, run: str) -> dict[str, torch.Tensor]:
 
 
 def test_steps_of_accumulated_batches_hold_the_large_batches_examples():
-    large = _steps(100, 16, 1, world=1, seed=3)
-    small = _steps(100, 4, 4, world=1, seed=3)
+    large = epoch_steps(100, 16, 1, world=1, seed=3)
+    small = epoch_steps(100, 4, 4, world=1, seed=3)
     assert len(large) == len(small) == 7
     assert [torch.cat(step).tolist() for step in small] == [torch.cat(step).tolist() for step in large]
 
@@ -75,3 +75,24 @@ def test_checkpointing_trains_to_the_same_weights(tiny_defaults, tmp_path):
             torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
     with pytest.raises(SystemExit, match="grad_checkpointing must be off with the memory connector or --mma"):
         main([*ARGUMENTS, "--grad-checkpointing", "--connector", "memory", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_a_step_budget_with_validations_between_epoch_ends(tiny_defaults, tmp_path, capsys):
+    """The smoke preset takes 8 steps an epoch (64 captions + 64 questions in batches of 16)."""
+    out = tmp_path / "run"
+    report = main(["--preset", "smoke", "--max-steps", "10", "--eval-every", "3", "--output-dir", str(out)])
+    assert report["unit"] == "step"
+    for run in ("transfer", "scratch"):
+        history = report["runs"][run]["history"]
+        assert [(h["step"], h["epoch"]) for h in history] == [(3, 0.375), (6, 0.75), (8, 1), (9, 1.125), (10, 1.25)]
+        assert json.loads((out / run / "result.json").read_text())["steps"] == 10
+    # Stage 1 is 10 x 1/2 epochs = 5 steps; the source run keeps its epochs and validates every 3 steps too.
+    assert [h["stage"] for h in report["runs"]["transfer"]["history"]] == ["stage 1", *["stage 2"] * 4]
+    assert [h["step"] for h in report["runs"]["source"]["history"]] == [3, 6, 8]
+    assert report["runs"]["scratch"]["best_step"] == report["runs"]["scratch"]["steps_to_target"]
+    printed = capsys.readouterr().out
+    assert " step  epoch " in printed and ("x in steps" in printed or report["speedup"] is None)
+    with pytest.raises(SystemExit, match="max_steps must be at least 2"):
+        main(["--preset", "smoke", "--max-steps", "1", "--output-dir", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="eval_every must be a positive number"):
+        main(["--preset", "smoke", "--eval-every", "0", "--output-dir", str(tmp_path / "bad")])

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              repetition_penalty=args.repetition_penalty)
             check_prompt(generation.prompt, benchmark.samples)
             from vlfast.export.load import load_model
-            from vlfast.transfer import distributed
+            from vlfast.training import distributed
 
             processes = distributed.start(args.device)
             model = load_model(args.model, args.run).to(processes.device)

@@ -1,4 +1,2 @@
-"""P-Former: prompts predicted from text alone, as references for VPG training (SPEC.md section 7)."""
-from vlfast.pformer.model import PFormer, PFormerConfig, alignment_loss
-
-__all__ = ["PFormer", "PFormerConfig", "alignment_loss"]
+"""`python -m vlfast.pformer train`: the P-Former's text-only training (SPEC.md section 7). The
+model, and the alignment a VPG's training adds as an extra loss, are in vlfast.models.pformer."""

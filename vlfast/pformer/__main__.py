@@ -8,7 +8,7 @@ import sys
 
 from vlfast.pformer.train import PFormerTrainConfig, train
 from vlfast.settings import add_fields, config_to_run
-from vlfast.transfer.loop import Interrupted
+from vlfast.training import Interrupted
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     arguments.pop("command")
     try:
         config = config_to_run(PFormerTrainConfig, {k: v for k, v in arguments.items() if v is not None}, resume)
-        history = train(config, resume)
+        history = train(config)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"vlfast.pformer: error: {error}")
     except Interrupted as interruption:

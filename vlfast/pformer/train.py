@@ -2,35 +2,27 @@
 twice, each time with 25% of its tokens masked; the LLM must reconstruct the caption from the first
 view's prompts (LM loss), the two views' sentence embeddings must find each other among the batch
 (contrastive, temperature 0.07), and the prompts are pulled toward their nearest word embeddings.
-Checkpoints every N steps, at every epoch end and on SIGINT / SIGTERM; `--resume` continues."""
+It runs on the shared run machinery (vlfast.training): validation every epoch (and every N steps
+with --eval-every), an epoch or step budget, checkpoints every N steps, after every validation and
+on SIGINT / SIGTERM; `--resume` continues."""
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vlfast.data.collate import CaptionCollator
 from vlfast.data.shapes import ShapesDataset
+from vlfast.defaults import DEFAULT
+from vlfast.models.llm import load_llm
+from vlfast.models.pformer import MODEL_DIR, PFormer, PFormerConfig, caption_ids
 from vlfast.models.vlm import prompted_lm_loss
-from vlfast.pformer.model import (
-    MODEL_DIR,
-    PFormer,
-    PFormerConfig,
-    caption_ids,
-    contrastive_loss,
-    mask_tokens,
-    nearest_word_loss,
-)
+from vlfast.pformer.losses import contrastive_loss, mask_tokens, nearest_word_loss
 from vlfast.settings import save_config
-from vlfast.transfer import checkpoint
-from vlfast.transfer.config import DEFAULT
-from vlfast.transfer.experiment import load_llm
-from vlfast.transfer.loop import Interrupted, StopSignals, seed_for
+from vlfast.training import Run, Stage, StopSignals, epoch_steps, seed_for
+from vlfast.training.distributed import Processes
 
 HISTORY = "history.json"
 TERMS = ("reconstruction", "contrastive", "nearest_word")
@@ -45,6 +37,8 @@ class PFormerTrainConfig:
     hidden_size: int = 128
     num_layers: int = 2
     epochs: int = 4
+    max_steps: int | None = None  # the budget in optimizer steps instead of epochs
+    eval_every: int | None = None  # validate every N optimizer steps too (always at epoch ends and the end)
     batch_size: int = 64
     lr: float = 1e-3
     mask_rate: float = 0.25
@@ -59,6 +53,8 @@ class PFormerTrainConfig:
     def __post_init__(self) -> None:
         checks = {"mask_rate": (0 <= self.mask_rate < 1, "in [0, 1)"),
                   "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)")}
+        checks |= {name: (getattr(self, name) is None or getattr(self, name) > 0, "positive")
+                   for name in ("max_steps", "eval_every")}
         checks |= {name: (getattr(self, name) > 0, "positive")
                    for name in ("num_prompts", "hidden_size", "num_layers", "epochs", "batch_size", "lr",
                                 "temperature", "shapes_images", "checkpoint_every")}
@@ -117,9 +113,10 @@ def validate(pformer: PFormer, llm, collate: CaptionCollator, captions: list[str
     return {f"val_{name}": value / len(captions) for name, value in sums.items()}
 
 
-def train(config: PFormerTrainConfig, resume: bool = False) -> list[dict]:
-    """Trains (or resumes: config from vlfast.settings.config_to_run) and writes <output_dir>/pformer (model and
-    tokenizer), history.json and curves.png; returns the history."""
+def train(config: PFormerTrainConfig) -> list[dict]:
+    """Trains (or resumes the run in its output directory: config from vlfast.settings.config_to_run)
+    and writes <output_dir>/pformer (model and tokenizer), history.json and curves.png; returns the
+    history."""
     llm, tokenizer = load_llm(config.llm, "llm", "target")  # inputs are checked before any training
     captions = load_captions(config.text, config.shapes_images)
     out = Path(config.output_dir)
@@ -132,56 +129,35 @@ def train(config: PFormerTrainConfig, resume: bool = False) -> list[dict]:
     torch.manual_seed(seed_for(config.seed, "pformer"))
     pformer = PFormer(PFormerConfig(len(tokenizer), config.num_prompts, llm.get_input_embeddings().embedding_dim,
                                     config.hidden_size, config.num_layers))
-    optimizer = torch.optim.AdamW(pformer.parameters(), lr=config.lr, weight_decay=0.01)
     collate = CaptionCollator.for_llm(tokenizer, llm)
-    steps_per_epoch = math.ceil(len(train_captions) / config.batch_size)
-    progress = {"epoch": 0, "step": 0, "history": [], "wall_s": 0.0}
-    saved = checkpoint.load(out / "checkpoints") if resume else None
-    if saved is not None:
-        weights, progress = saved
-        pformer.load_state_dict(weights)
-        optimizer.load_state_dict(progress.pop("optimizer"))
-        checkpoint.set_rng_state(progress.pop("rng"))
 
-    def save() -> None:
-        state = {**progress, "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(out / "checkpoints", pformer.state_dict(), state)
+    def start(stage: Stage, steps: int):
+        optimizer = torch.optim.AdamW(pformer.parameters(), lr=config.lr, weight_decay=0.01)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # a constant lr
+
+    def step(stage: Stage, batches: list[torch.Tensor]) -> dict[str, float]:
+        terms = losses(pformer, llm, collate, [train_captions[i] for i in batches[0].tolist()], config)
+        loss = total(terms, config)
+        loss.backward()
+        return {name: value.item() for name, value in terms.items()} | {"loss": loss.item()}
+
+    def scores(step: int, epoch: int | float) -> dict:
+        return {k: round(v, 5) for k, v in validate(pformer, llm, collate, val, config).items()}
 
     pformer.train()
     with StopSignals() as signals:
-        while progress["epoch"] < config.epochs:
-            epoch = progress["epoch"]
-            batches = torch.randperm(len(train_captions), generator=torch.Generator().manual_seed(
-                seed_for(config.seed, "pformer", epoch))).split(config.batch_size)
-            bar = tqdm(total=steps_per_epoch, initial=progress["step"], leave=False,
-                       desc=f"P-Former epoch {epoch + 1}/{config.epochs}")
-            start = time.perf_counter()
-            for rows in batches[progress["step"]:]:
-                terms = losses(pformer, llm, collate, [train_captions[i] for i in rows.tolist()], config)
-                total(terms, config).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress["step"] += 1
-                bar.update(1)
-                bar.set_postfix({name[:5]: f"{value.item():.3f}" for name, value in terms.items()})
-                if signals.received or progress["step"] % config.checkpoint_every == 0:
-                    progress["wall_s"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    save()
-                if signals.received:
-                    raise Interrupted(signals.received, "P-Former", out / "checkpoints")
-            bar.close()
-            progress["wall_s"] += time.perf_counter() - start
-            scores = validate(pformer, llm, collate, val, config)
-            progress["history"].append({"epoch": epoch + 1, "wall_s": round(progress["wall_s"], 3),
-                                        **{k: round(v, 5) for k, v in scores.items()}})
-            progress["epoch"], progress["step"] = epoch + 1, 0
-            save()
+        history = Run(
+            "P-Former", out, [Stage("train", config.epochs)],
+            lambda epoch: epoch_steps(len(train_captions), config.batch_size, 1, 1,
+                                      seed_for(config.seed, "pformer", epoch)),
+            pformer.state_dict(), start, step, scores, Processes(0, 1, torch.device("cpu")), signals,
+            config.checkpoint_every, config.eval_every, config.max_steps, tensorboard=out / "tensorboard",
+        ).train()["history"]
     pformer.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
-    (out / HISTORY).write_text(json.dumps(progress["history"], indent=1))
-    _plot(progress["history"], out / "curves.png")
-    return progress["history"]
+    (out / HISTORY).write_text(json.dumps(history, indent=1))
+    _plot(history, out / "curves.png")
+    return history
 
 
 def _plot(history: list[dict], path: Path) -> None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from vlfast.settings import config_to_run, save_config
-from vlfast.transfer import distributed, experiment, loop
+from vlfast.training import Interrupted, StopSignals, distributed
+from vlfast.transfer import experiment
 from vlfast.transfer.config import TransferConfig, given_values, parser
 from vlfast.transfer.report import table
 
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
         if processes.main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(config, out)
-        with loop.StopSignals() as signals:
+        with StopSignals() as signals:
             summary = experiment.run(config, parts, processes, signals)
-    except loop.Interrupted as interruption:
+    except Interrupted as interruption:
         if processes.main:
             print(f"\n{interruption}\ncontinue with: python -m vlfast.transfer --resume --output-dir {out}",
                   file=sys.stderr)

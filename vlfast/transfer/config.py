@@ -7,11 +7,11 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from vlfast.defaults import DEFAULT
 from vlfast.evaluate.tasks import TASKS
 from vlfast.models.vlm import LLM_DTYPES
 from vlfast.settings import add_fields, read_yaml
 
-DEFAULT = "default"  # the embedded default part (vlfast.defaults)
 METRICS = {"val_loss": "min", "cider": "max", "qa_accuracy": "max"}  # name -> which way is better
 
 
@@ -44,6 +44,7 @@ class TransferConfig:
     train_images: int = 1000
     val_images: int = 200
     epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
+    max_steps: int | None = None  # their budget in optimizer steps instead (split between stages as their epochs)
     source_epochs: int = 10  # the source VPG's training, when it is trained here (not part of the transfer's cost)
     batch_size: int = 64  # global: split across processes under torchrun
     grad_accum: int = 1  # batches accumulated per optimizer step: a step sees batch_size x grad_accum examples
@@ -54,7 +55,8 @@ class TransferConfig:
     min_lr_ratio: float = 0.5  # stage 2's cosine decay ends at lr * this (1e-4 -> 5e-5 in the paper)
     converter_epochs: int = 8
     metric: str = "val_loss"  # the score behind the speed-up: val_loss | cider | qa_accuracy | <eval_task>/<score>
-    # A benchmark scored after every epoch too, by `python -m vlfast.evaluate`'s code (its official files and metric).
+    eval_every: int | None = None  # validate every N optimizer steps too (always at epoch ends and the end)
+    # A benchmark scored at every validation too, by `python -m vlfast.evaluate`'s code (its official files and metric).
     eval_task: str | None = None  # vqav2 | okvqa | gqa | coco_caption | nocaps | scienceqa
     eval_data: str | None = None  # its files' folder (e.g. DIR/<task> of `python -m vlfast.data.shapes export DIR`)
     eval_prompt: str | None = None  # its prompt template; None: the task's (BLIP-2's); '{}' is the question
@@ -84,6 +86,8 @@ class TransferConfig:
             "eval_task": (self.eval_task is None or self.eval_task in TASKS, " | ".join(TASKS)),
             "eval_data": ((self.eval_task is None) == (self.eval_data is None), "given together with --eval-task"),
             "eval_limit": (self.eval_limit is None or self.eval_limit > 0, "a positive number"),
+            "eval_every": (self.eval_every is None or self.eval_every > 0, "a positive number"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 2, "at least 2 (the transfer has two stages)"),
             "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
             "epochs": (self.epochs >= 2, "at least 2 (stage 1 is one epoch)"),

@@ -16,14 +16,17 @@ from torch import nn
 
 from vlfast import defaults
 from vlfast.data.collate import CaptionCollator
+from vlfast.defaults import DEFAULT
 from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
+from vlfast.models.llm import load_llm
+from vlfast.models.pformer import Alignment, PFormer
+from vlfast.models.pformer import load as load_pformer
 from vlfast.models.vision import load_tower, tower_width
-from vlfast.models.vlm import LLM_DTYPES, check_tokenizer
 from vlfast.patch.families import family
-from vlfast.pformer.model import PFormer
-from vlfast.pformer.model import load as load_pformer
+from vlfast.training import StopSignals, seed_for
+from vlfast.training.distributed import Processes
 from vlfast.transfer import loop, report
-from vlfast.transfer.config import DEFAULT, TransferConfig
+from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.converter import (
     cosine_loss,
     merge_projector,
@@ -32,7 +35,6 @@ from vlfast.transfer.converter import (
     train_word_converter,
 )
 from vlfast.transfer.data import Split, load_splits
-from vlfast.transfer.distributed import Processes
 from vlfast.transfer.evaluate import BenchmarkEval
 
 SOURCE, TRANSFER, SCRATCH = "source", "transfer", "scratch"
@@ -72,37 +74,6 @@ def _source_vpg(value: str) -> VPG:
 
 def _llm_width(llm: nn.Module) -> int:
     return llm.get_input_embeddings().embedding_dim
-
-
-def load_llm(value: str, option: str, default: str, dtype: str = "fp32"):
-    """(frozen LLM in `dtype`, tokenizer) from a Hugging Face directory (a causal LM, or an
-    encoder-decoder LM such as FlanT5), a registry LLM by name (vlfast.defaults.REGISTRY_LLMS), or
-    the embedded default's LM named `default` when value is 'default'; `option` names the setting
-    in errors."""
-    torch_dtype = LLM_DTYPES[dtype]
-    if value == DEFAULT:
-        # Loaded in the dtype like any directory's LLM (a cast afterwards would also cast its buffers).
-        return defaults.default_lm(default, dtype=torch_dtype), defaults.shapes_tokenizer()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    flag = "--" + option.replace("_", "-")
-    try:
-        path = defaults.registry_llm(value) if value in defaults.REGISTRY_LLMS else _directory(option, value)
-    except (ImportError, FileNotFoundError) as error:  # a registry LLM's package or its GGUF reader is missing
-        raise ValueError(f"{flag} {value}: {error}") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{flag} {value}: no tokenizer that loads there ({error})") from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(path).is_encoder_decoder else AutoModelForCausalLM
-    llm = auto.from_pretrained(path, dtype=torch_dtype).eval().requires_grad_(False)
-    try:
-        check_tokenizer(tokenizer, llm)
-    except ValueError as error:
-        raise ValueError(f"{flag} {value}: {error}") from error
-    return llm, tokenizer
 
 
 def prepare(config: TransferConfig) -> Parts:
@@ -199,7 +170,7 @@ def _word_pairs(parts: Parts, train: Split) -> torch.Tensor:
     return token_pairs(parts.source_tokenizer, parts.target_tokenizer, [e.target for e in train.examples])
 
 
-def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loop.StopSignals) -> dict:
+def run(config: TransferConfig, parts: Parts, processes: Processes, signals: StopSignals) -> dict:
     """The three runs (each skipped if it finished before, resumed if it was interrupted) and
     their report."""
     out = Path(config.output_dir)
@@ -209,12 +180,16 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
 
     def context(tokenizer, llm: nn.Module) -> loop.Context:
         return loop.Context(config, processes, train, val, CaptionCollator.for_llm(tokenizer, llm), out, signals,
-                            parts.pformer, parts.benchmark)
+                            parts.benchmark)
+
+    def aligned(weight: float) -> tuple[Alignment, ...]:
+        """The P-Former alignment as the target runs' extra loss, with this weight."""
+        return (Alignment(parts.pformer, parts.target_tokenizer, weight),) if parts.pformer and weight > 0 else ()
 
     # 1. The source VPG, trained on the source LLM unless given.
     source_vpg, results = parts.source_vpg, {}
     if source_vpg is None:
-        torch.manual_seed(loop.seed_for(config.seed, SOURCE))
+        torch.manual_seed(seed_for(config.seed, SOURCE))
         vpg = _new_vpg(config, parts.tower, _llm_width(parts.source_llm))
         model = _model(config, parts.tower, vpg, parts.source_llm, parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
@@ -224,7 +199,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
 
     # 2. Transfer: converter, merged projector, stage 1 (projector, lr x5, 1 epoch), stage 2 (all, cosine).
-    torch.manual_seed(loop.seed_for(config.seed, TRANSFER))
+    torch.manual_seed(seed_for(config.seed, TRANSFER))
     embeddings = (parts.source_llm.get_input_embeddings().weight, parts.target_llm.get_input_embeddings().weight)
     pairs = _word_pairs(parts, train)
     converter = train_word_converter(*embeddings, pairs, epochs=config.converter_epochs, seed=config.seed)
@@ -235,23 +210,26 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: loo
     vpg.projector = merge_projector(converter, source_vpg.projector)
     model = _model(config, parts.tower, vpg, parts.target_llm, parts.target_tokenizer)
     stages = [loop.Stage("stage 1", 1, config.lr * config.stage1_lr_multiplier, "constant",
-                         _projector_and_patches, config.pformer_weight_stage1),
-              loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of, config.pformer_weight_stage2)]
-    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer, parts.target_llm))
+                         _projector_and_patches, aligned(config.pformer_weight_stage1)),
+              loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of,
+                         aligned(config.pformer_weight_stage2))]
+    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer, parts.target_llm),
+                                       config.max_steps)
     model.release_llm()
 
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
     if config.baseline:
-        torch.manual_seed(loop.seed_for(config.seed, SCRATCH))
+        torch.manual_seed(seed_for(config.seed, SCRATCH))
         model = _model(config, parts.tower, VPG(vpg.config), parts.target_llm, parts.target_tokenizer)
         results[SCRATCH] = loop.train_run(SCRATCH, model,
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of,
-                                                      config.pformer_weight_stage2)],
-                                          context(parts.target_tokenizer, parts.target_llm))
+                                                      aligned(config.pformer_weight_stage2))],
+                                          context(parts.target_tokenizer, parts.target_llm), config.max_steps)
         model.release_llm()
     if not processes.main:  # only the main process evaluates
         return {}
     summary = report.build(results, config.metric, processes.world,
-                           {"total_s": round(time.perf_counter() - begin, 1), "converter": converter_report})
+                           {"total_s": round(time.perf_counter() - begin, 1), "converter": converter_report},
+                           "step" if config.max_steps else "epoch")
     report.write(summary, out)
     return summary

@@ -1,6 +1,7 @@
 """The P-Former (SPEC.md section 7): a small BERT-style encoder that reads a caption and emits K
-prompt vectors in a frozen LLM's input space, trained on text alone; and the three terms of its
-loss. It reads the LLM tokenizer's ids, plus two ids of its own: [CLS] and [MASK]."""
+prompt vectors in a frozen LLM's input space (trained on text alone by `python -m vlfast.pformer
+train`), and the alignment loss that pulls a VPG's prompts toward them. It reads the LLM tokenizer's
+ids, plus two ids of its own: [CLS] and [MASK]."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,35 +81,29 @@ class PFormer(nn.Module):
         return model
 
 
-def mask_tokens(input_ids: Tensor, attention_mask: Tensor, rate: float, mask_id: int,
-                generator: torch.Generator | None = None) -> Tensor:
-    """input_ids with each real (unpadded) token replaced by mask_id with probability `rate`."""
-    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < rate
-    return torch.where(draw & attention_mask.bool(), torch.full_like(input_ids, mask_id), input_ids)
-
-
-def contrastive_loss(a: Tensor, b: Tensor, temperature: float = 0.07) -> Tensor:
-    """InfoNCE between two views' sentence embeddings (B, H): row i of `a` should pick row i of
-    `b` among all rows, and the other way round; cosine similarities over `temperature`."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
-    targets = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
-def nearest_word_loss(prompts: Tensor, word_embeddings: Tensor) -> Tensor:
-    """Mean squared distance (per element) of each prompt vector to its nearest word embedding:
-    pulls the prompts toward the region of input space the LLM was trained on."""
-    flat = prompts.reshape(-1, prompts.shape[-1])
-    distances = torch.cdist(flat.float(), word_embeddings.float()).square()
-    return distances.min(dim=1).values.mean() / prompts.shape[-1]
-
-
 def alignment_loss(vpg_prompts: Tensor, pformer_prompts: Tensor, elements: int | Tensor | None = None) -> Tensor:
     """MSE between a VPG's prompts and the P-Former's for the same captions (SPEC.md section 7):
     the squared error summed, over `elements` (by default the prompts' own count; data-parallel
     shards pass the global count, so that the shards' losses add up to the whole batch's)."""
     squared = F.mse_loss(vpg_prompts.float(), pformer_prompts.float(), reduction="sum")
     return squared / (vpg_prompts.numel() if elements is None else elements)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The alignment as an extra loss of a VPG's training: `weight` x the MSE between the VPG's
+    prompts for captions and this P-Former's (frozen) for the same captions."""
+    pformer: PFormer
+    tokenizer: object  # the target LLM's, whose ids the P-Former reads
+    weight: float
+    name: str = "align"
+
+    def __call__(self, prompts: Tensor, captions: list[str], count: float) -> Tensor:
+        """The loss of these captions' prompts as their part of the loss over `count` captions."""
+        ids, mask = caption_ids(self.tokenizer, captions, self.pformer.config.max_length)
+        with torch.no_grad():
+            reference = self.pformer.to(prompts.device)(ids.to(prompts.device), mask.to(prompts.device))
+        return alignment_loss(prompts, reference, count * reference[0].numel())
 
 
 def caption_ids(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
