@@ -4,11 +4,32 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from transformers import Blip2Config, OPTConfig
 
-from vlfast.costmodel import A100, H100, LLMS, PAPER, AttentionShape, Setup, Stack, cross_attention_floor
+from vlfast.costmodel import (
+    A100,
+    H100,
+    H200,
+    LLMS,
+    PAPER,
+    AdapterShape,
+    AttentionShape,
+    Launch,
+    MemVPShape,
+    Setup,
+    Stack,
+    adapter_config,
+    attention_config,
+    chain_seconds,
+    cross_attention_floor,
+    cross_attention_triton,
+    memvp_config,
+    memvp_triton,
+    routed_adapter_triton,
+)
 from vlfast.costmodel.__main__ import main
 from vlfast.costmodel.training import QFormerStack, against_paper, fused_seconds_saved, llm_config, transfer_lines
 
@@ -54,6 +75,56 @@ def test_attention_floor_by_hand():
     # fp16 q and out 2 x 8 elements, k and v 2 x 12, fp32 lse 2 x 4 bytes; FLOPs 4 * 2 * 3 * 4
     floor = cross_attention_floor(AttentionShape(1, 1, 2, 3, 4, masked=False))
     assert (floor.bytes, floor.flops) == (2 * (16 + 24) + 8, 96)
+
+
+def test_launch_by_hand():
+    hw = H100  # 132 SMs, 3.0 TB/s, 5.5 TB/s L2, 0.6 us latency
+    one_wave = Launch("k", programs=132, warps=4, dram=132e6, l2=0, flops=0, steps=1)
+    assert one_wave.waves(hw) == 1 and one_wave.seconds(hw) == pytest.approx(132e6 / 3.0e12)
+    # 133 programs: one SM runs two, so the launch takes twice as long as 132 programs' share
+    ragged = Launch("k", programs=133, warps=4, dram=133e6, l2=0, flops=0, steps=1)
+    assert ragged.seconds(hw) == pytest.approx(2 * 1e6 * 132 / 3.0e12)
+    # 1000 steps each waiting on DRAM: 1000 x 0.6 us / 2 loads in flight, per wave; 4 warps: 4 programs an SM
+    latency = Launch("k", programs=132 * 4 + 1, warps=4, dram=0, l2=0, flops=0, steps=1000)
+    assert latency.waves(hw) == 2 and latency.seconds(hw) == pytest.approx(2 * 1000 * 0.6e-6 / 2)
+    assert Launch("k", 132, 4, dram=0, l2=55e6, flops=0, steps=0).seconds(hw) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("hw", [H100, H200], ids=lambda hw: hw.name)
+def test_projections_can_fail(hw):
+    """Worse launches project slower: smaller tiles, more re-reads, fewer programs than SMs, more L2 traffic."""
+    def seconds(kernels):
+        return chain_seconds(kernels, hw)
+
+    qformer = AttentionShape(32, 12, 32, 257, 64)
+    cfg = attention_config(qformer)
+    for backward in (False, True):
+        base = seconds(cross_attention_triton(qformer, cfg, hw, backward))
+        smaller = {**cfg, "BLOCK_M": 16, "BLOCK_N": 16}  # K and V read by two query blocks, 4x the steps
+        assert seconds(cross_attention_triton(qformer, smaller, hw, backward)) > base
+    few = AttentionShape(1, 2, 32, 257, 64)  # 2 programs for 132 SMs
+    assert seconds(cross_attention_triton(few, cfg, hw)) > seconds(cross_attention_triton(replace(few, batch=66), cfg,
+                                                                                          hw)) / 66 * 2
+    # K and V re-read per query block come from DRAM once they no longer fit in L2
+    long = AttentionShape(512, 12, 256, 257, 64)
+    kernels = cross_attention_triton(long, attention_config(long), hw)
+    assert kernels[0].dram > 8 * 2 * 2 * long.elements(long.kv_len)
+
+    memvp = MemVPShape(8, 512, 320, 4096)
+    mcfg = memvp_config(memvp)
+    tiles = {"BLOCK_L": 16, "BLOCK_M": 16}  # 16x the activation tiles
+    small = {**mcfg, "act": {**mcfg["act"], **tiles}, "act_backward": {**mcfg["act_backward"], **tiles}}
+    for backward in (False, True):
+        assert seconds(memvp_triton(memvp, small, hw, backward)) > seconds(memvp_triton(memvp, mcfg, hw, backward))
+    assert sum(k.l2 for k in memvp_triton(memvp, small, hw)) > 2 * sum(k.l2 for k in memvp_triton(memvp, mcfg, hw))
+
+    adapter = AdapterShape(16, 16384, 4096, 8, 2)
+    acfg = adapter_config(adapter)
+    assert seconds(routed_adapter_triton(adapter, {**acfg, "programs_per_sm": 0.25}, hw)) > seconds(
+        routed_adapter_triton(adapter, acfg, hw))  # 33 programs for 132 SMs
+    narrow = {**acfg, "columns": {**acfg["columns"], "BLOCK_D": 256}}  # 16 column programs
+    assert seconds(routed_adapter_triton(adapter, narrow, hw, backward=True)) > seconds(
+        routed_adapter_triton(adapter, acfg, hw, backward=True))
 
 
 def test_reproduces_the_paper_within_a_quarter():

@@ -1,36 +1,68 @@
-"""Projected GPU time from counted bytes and FLOPs (no GPU is measured here).
+"""Projected GPU time of vlfast's Triton kernels as launched, of the eager PyTorch chains and of the
+roofline floor, from counted bytes and FLOPs (no GPU is measured here; labelled so wherever shown).
 
-A kernel's time is projected as max(bytes moved / bandwidth, FLOPs / matrix rate); a chain of
-kernels as the sum of its kernels' times. The floor of an op is the same formula applied to the
-bytes it must move (one read of each input, one write of each output) and the FLOPs it must do.
-Launch latency, occupancy and tail effects are not modelled: these are projections, labelled so.
+The floor of an op is max(bytes / DRAM bandwidth, FLOPs / matrix rate) for the bytes it must move
+(one read of each input, one write of each output) and the FLOPs it must do. The eager chain is the
+sum over its kernels of a launch plus that roofline of each kernel's own reads and writes.
+
+A Triton kernel is modelled as launched (`Launch`), from the grid, tiles and warps its launcher's
+`launch_config` picks: each program's DRAM traffic including re-reads (a re-read comes from L2 only
+when everything touched between the two reads fits in L2_SHARE of it, else from DRAM again), the
+bytes read through L2, the FLOPs of whole (padded) tiles, and the loop steps one program runs one
+after another. Its time is a launch plus the largest of:
+- DRAM: the busiest SM's programs' bytes at its share of the bandwidth (bandwidth / SMs): fewer
+  programs than SMs, or a ragged last wave, leaves bandwidth unused (assumed: an SM draws no more
+  than its share, pessimistic for grids far below the SM count);
+- L2: the same for everything read through L2, at the stated L2 bandwidth;
+- matrix FLOPs: the busiest SM's programs at its share of the matrix rate;
+- latency: waves x steps x the DRAM latency / LOADS_IN_FLIGHT (a program waits on its loads; Triton's
+  default 3-stage pipelining keeps two steps' loads in flight).
+Not modelled: instruction issue and the non-matrix arithmetic (exp, masks), bank conflicts, clock
+changes, and the host's time to launch (these projections are of GPU time only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+import torch
 import triton
 
 
 @dataclass(frozen=True)
 class Hardware:
     name: str
-    bandwidth: float  # bytes/s, read + write
+    bandwidth: float  # DRAM bytes/s, read + write
     matrix_flops: float  # dense 16-bit matrix FLOP/s
     l2_bytes: float  # last-level cache
     sms: int
+    # Bytes/s read through L2: about what Chips and Cheese measured on an H100 PCIe ("Nvidia's H100:
+    # Funny L2, and Tons of Bandwidth", 2023); assumed for every Hopper part.
+    l2_bandwidth: float = 5.5e12
+    latency: float = 600e-9  # a load's round trip to DRAM under load: assumed (idle Hopper microbenchmarks: ~500 ns)
+    launch: float = 3e-6  # a kernel's launch, ramp-up and drain on the GPU: assumed
 
 
 # SPEC.md section 8: H100 copy bandwidth as measured on a machine of this workplace; A100 datasheet.
 # L2 sizes and SM counts: the vendors' datasheets.
 H100 = Hardware("H100 SXM", 3.0e12, 800e12, 50e6, 132)
-A100 = Hardware("A100 80GB", 2.0e12, 312e12, 40e6, 108)
-# Data re-read while at most this share of L2 is in flight is assumed to come from L2.
+A100 = Hardware("A100 80GB", 2.0e12, 312e12, 40e6, 108, l2_bandwidth=4.0e12)  # L2: assumed 2x DRAM, as on H100
+# Copy bandwidth and bf16 matrix rate measured by vlfast.gpucheck on an H200
+# (benchmarks/results/gpu/h200-2026-11-30); 132 SMs and 60 MiB of L2 as the device reported.
+H200 = Hardware("H200", 4.24e12, 693e12, 60 * 2**20, 132)
+# Data re-read while at most this share of L2 was touched since its last read is assumed to come from L2.
 L2_SHARE = 0.75
+# Programs an SM holds at once follow from registers alone: 64 K per SM (A100, H100), an assumed 128
+# per thread for these tiled kernels (`python -m vlfast.kernels.report` reads the real counts).
+REGISTERS_PER_SM, REGISTERS_PER_THREAD = 65536, 128
+LOADS_IN_FLIGHT = 2  # loop steps whose loads one program has in flight: Triton's default 3 stages
+TF32X3_SLOWDOWN = 6  # fp32 products run as 3 tf32 passes, tf32 at half the 16-bit rate (datasheets)
 
 
 @dataclass(frozen=True)
 class Cost:
+    """A kernel (or an op's floor) as bytes moved to and from DRAM and FLOPs done, nothing else."""
+
     bytes: float
     flops: float
 
@@ -41,8 +73,50 @@ class Cost:
         return max(self.bytes / hw.bandwidth, self.flops / hw.matrix_flops)
 
 
-def chain_seconds(kernels: list[Cost], hw: Hardware) -> float:
-    return sum(k.seconds(hw) for k in kernels)
+def resident_programs(warps: int) -> int:
+    """Programs of `warps` warps an SM holds at once (register-limited, as assumed above)."""
+    return max(1, REGISTERS_PER_SM // (REGISTERS_PER_THREAD * 32 * warps))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One Triton kernel launch as its launcher configures it."""
+
+    name: str
+    programs: int
+    warps: int
+    dram: float  # bytes to and from DRAM, all programs
+    l2: float  # further bytes read through L2: the re-reads that hit it
+    flops: float  # matrix FLOPs on whole (padded) tiles
+    steps: int  # loop steps one program runs one after another, each waiting on its loads
+    fp32: bool = False  # products in 3-pass tf32
+
+    @property
+    def bytes(self) -> float:
+        return self.dram
+
+    def waves(self, hw: Hardware) -> int:
+        return triton.cdiv(self.programs, hw.sms * resident_programs(self.warps))
+
+    def seconds(self, hw: Hardware) -> float:
+        # The busiest SM runs cdiv(programs, SMs) programs: its work over an even 1 / SMs share.
+        busiest = triton.cdiv(self.programs, hw.sms) * hw.sms / self.programs
+        rate = hw.matrix_flops / (TF32X3_SLOWDOWN if self.fp32 else 1)
+        return max(busiest * self.dram / hw.bandwidth, busiest * (self.dram + self.l2) / hw.l2_bandwidth,
+                   busiest * self.flops / rate, self.waves(hw) * self.steps * hw.latency / LOADS_IN_FLIGHT)
+
+
+def chain_seconds(kernels: Sequence[Cost | Launch], hw: Hardware) -> float:
+    """Kernels run one after another, each paying a launch."""
+    return sum(hw.launch + k.seconds(hw) for k in kernels)
+
+
+def _reread(unique: float, reads: float, distance: float, hw: Hardware) -> tuple[float, float]:
+    """(DRAM, L2) bytes of `reads` bytes of reads of `unique` distinct bytes: the repeats come from L2
+    when the bytes touched between two reads of the same data (`distance`) fit in L2_SHARE of it."""
+    if distance <= L2_SHARE * hw.l2_bytes:
+        return unique, reads - unique
+    return reads, 0.0
 
 
 @dataclass(frozen=True)
@@ -76,51 +150,87 @@ def cross_attention_floor(s: AttentionShape, backward: bool = False) -> Cost:
     return Cost(reads + writes, 10.0 * s.bh * s.q_len * s.kv_len * s.head_dim)
 
 
-def cross_attention_triton(s: AttentionShape, block_m: int, block_n: int, block_d: int,
-                           backward: bool = False) -> Cost:
-    """What the Triton kernels move and compute with their block sizes: K and V (and the mask) are
-    read once per query block, and tensor-core FLOPs are spent on whole (padded) tiles. With several
-    query blocks the backward runs a second kernel per key block for dK and dV, which reads Q, dO,
-    lse and delta once per key block and recomputes the probabilities."""
-    q_blocks, k_blocks = triton.cdiv(s.q_len, block_m), triton.cdiv(s.kv_len, block_n)
-    padded_flops = s.bh * q_blocks * block_m * k_blocks * block_n * block_d
+def attention_config(s: AttentionShape) -> dict:
+    """kernels/cross_attention.py's launch_config for this shape, as on a GPU."""
+    from vlfast.kernels.cross_attention import launch_config
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[s.itemsize]
+    return launch_config(torch.empty(1, 1, s.q_len, s.head_dim, dtype=dtype, device="meta"), s.kv_len,
+                         interpret=False)
+
+
+def cross_attention_triton(s: AttentionShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch]:
+    """The kernels of kernels/cross_attention.py with the tiles and warps of `cfg` (its launch_config).
+    Forward: a program per (batch x head, query block) streams all of K, V and the mask row in
+    BLOCK_N steps. Backward: the same grid for dQ, and with one query block dK and dV too; with
+    several, a second kernel per (batch x head, key block) reads Q, dO, lse and delta once per key
+    block and recomputes the probabilities."""
+    bm, bn, bd, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"]
+    q_blocks, k_blocks = triton.cdiv(s.q_len, bm), triton.cdiv(s.kv_len, bn)
     e = s.itemsize
-    mask = q_blocks * s.bh * s.kv_len if s.masked else 0
-    kv_reads = q_blocks * e * 2 * s.elements(s.kv_len)
+    q, kv, rows = e * s.elements(s.q_len), 2 * e * s.elements(s.kv_len), 4 * s.bh * s.q_len  # rows: fp32 lse
+    mask = s.batch * s.kv_len if s.masked else 0
+    programs = s.bh * q_blocks
+    tile = programs * bm * k_blocks * bn * bd  # padded multiply-adds of one (queries x keys x head dim) product
+    # Grid axis 0 walks (batch x head) first: all of K and V pass between two query blocks' reads of
+    # the same K and V; a sample's mask row is re-read by its heads one after another.
+    kv_dram, kv_l2 = _reread(kv, q_blocks * kv, kv, hw)
+    mask_dram, mask_l2 = _reread(mask, q_blocks * s.heads * mask, kv / s.bh, hw)
+    common = dict(warps=warps, fp32=e == 4)
     if not backward:
-        return Cost(e * 2 * s.elements(s.q_len) + 4 * s.bh * s.q_len + kv_reads + mask, 4.0 * padded_flops)
-    q_side = e * 4 * s.elements(s.q_len) + 4 * s.bh * s.q_len  # read q do o lse, write dq
-    kv_writes = e * 2 * s.elements(s.kv_len)
-    if q_blocks == 1:
-        return Cost(q_side + kv_reads + mask + kv_writes, 10.0 * padded_flops)
-    delta_write = 4 * s.bh * s.q_len
-    kv_kernel = Cost(k_blocks * (e * 2 * s.elements(s.q_len) + 8 * s.bh * s.q_len + (s.batch * s.kv_len if s.masked
-                                                                                    else 0))
-                     + e * 2 * s.elements(s.kv_len) + kv_writes, 8.0 * padded_flops)
-    return Cost(q_side + kv_reads + mask + delta_write, 6.0 * padded_flops) + kv_kernel
+        return [Launch("forward", programs, dram=2 * q + rows + kv_dram + mask_dram, l2=kv_l2 + mask_l2,
+                       flops=4.0 * tile, steps=k_blocks + 1, **common)]
+    one = q_blocks == 1
+    # Reads q, dO, O, lse; writes dQ, and dK, dV (one query block) or delta (several).
+    dq = Launch("backward dQ, dK, dV" if one else "backward dQ", programs,
+                dram=4 * q + rows + (kv if one else rows) + kv_dram + mask_dram, l2=kv_l2 + mask_l2,
+                flops=(10.0 if one else 6.0) * tile, steps=k_blocks + 1, **common)
+    if one:
+        return [dq]
+    q_side = 2 * q + 2 * rows  # q, dO, lse, delta: the whole Q side of a (batch x head) per key block
+    q_dram, q_l2 = _reread(q_side, k_blocks * q_side, q_side, hw)
+    kmask_dram, kmask_l2 = _reread(mask, q_blocks * s.heads * mask, kv / s.bh, hw)
+    dkv = Launch("backward dK, dV", s.bh * k_blocks, dram=2 * kv + q_dram + kmask_dram, l2=q_l2 + kmask_l2,
+                 flops=8.0 * tile, steps=q_blocks + 1, **common)
+    return [dq, dkv]
+
+
+# flash-attention 2's forward tiles for head dims <= 64 (128 queries x 128 keys, 4 warps; its kernel
+# traits): assumed to be what torch SDPA's flash backend launches.
+FLASH_TILES = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4}
+
+
+def flash_attention_forward(s: AttentionShape, hw: Hardware) -> list[Launch]:
+    """SDPA's flash forward modelled like vlfast's: a program per (batch x head, 128 queries)
+    streaming K and V in 128-key blocks, without the mask (it takes none)."""
+    cfg = {**FLASH_TILES, "BLOCK_D": max(16, triton.next_power_of_2(s.head_dim))}
+    return cross_attention_triton(replace(s, masked=False), cfg, hw)
 
 
 def cross_attention_eager(s: AttentionShape, backward: bool = False) -> list[Cost]:
-    """The kernels of the unfused PyTorch chain `softmax((q @ k^T) * scale masked) @ v` and its
-    autograd backward, each reading its inputs and writing its output in the input dtype."""
+    """The kernels of vlfast.ops.reference.cross_attention_autograd, `softmax(where(any row visible,
+    masked_fill(q k^T * scale), 0)) * any @ v`, and its autograd backward, each reading its inputs
+    and writing its output in the input dtype; the (B, Lk) mask's own small kernels cost a launch."""
     e = s.itemsize
     scores = e * s.bh * s.q_len * s.kv_len
     q, kv = e * s.elements(s.q_len), e * s.elements(s.kv_len)
     mm = 2.0 * s.bh * s.q_len * s.kv_len * s.head_dim
+    masked = [Cost(2 * scores + s.batch * s.kv_len, 0), Cost(2 * scores, 0), Cost(2 * scores, 0)] if s.masked else []
     forward = [
         Cost(q + kv + scores, mm),  # q @ k^T
         Cost(2 * scores, 0),  # * scale
-        *([Cost(2 * scores + s.batch * s.kv_len, 0)] if s.masked else []),  # masked_fill
+        *([Cost(2 * s.batch * s.kv_len, 0)] * 2 if s.masked else []),  # ~mask, mask.any
+        *masked,  # masked_fill, where(has_keys, ., 0), softmax's output * has_keys
         Cost(2 * scores, 0),  # softmax
         Cost(scores + kv + q, mm),  # p @ v
     ]
     if not backward:
         return forward
-    return [
+    return forward + [
         Cost(q + kv + scores, mm),  # dp = do @ v^T
         Cost(scores + q + kv, mm),  # dv = p^T @ do
+        *masked,  # * has_keys, where and masked_fill backward
         Cost(3 * scores, 0),  # softmax backward: reads p, dp; writes ds
-        *([Cost(2 * scores + s.batch * s.kv_len, 0)] if s.masked else []),  # masked_fill backward
         Cost(2 * scores, 0),  # * scale backward
         Cost(scores + kv + q, mm),  # dq = ds @ k
         Cost(scores + q + kv, mm),  # dk = ds^T @ q
@@ -139,43 +249,99 @@ class MemVPShape:
         return rows * self.dim
 
 
-def memvp_floor(s: MemVPShape) -> Cost:
-    """Forward: read x, z, key_pos, value_pos once, write out; 2 products of L x M x D."""
+def memvp_floor(s: MemVPShape, backward: bool = False) -> Cost:
+    """Forward: read x, z, key_pos, value_pos once, write out; 2 products of L x M x D. Backward: read
+    them and dout, write their gradients; 5 products (x K^T again, dh, dV, dx, dK)."""
     e = s.itemsize
     moved = e * (2 * s.batch * s.elements(s.length) + s.batch * s.elements(s.memory) + 2 * s.elements(s.memory))
-    return Cost(moved, 4.0 * s.batch * s.length * s.memory * s.dim)
+    return Cost(moved * (2 if backward else 1), (10.0 if backward else 4.0) * s.batch * s.length * s.memory * s.dim)
 
 
-def memvp_triton(s: MemVPShape, cfg: dict) -> tuple[Cost, float]:
-    """The two tiled products of kernels/memvp_memory.py as launch_config tiles them: the activation
-    kernel reads x once per memory tile and z + key_pos once per row tile, writing the (B, L, M)
-    activation; the product kernel reads the activation once per D tile and z + value_pos once per
-    row tile, writing out. Assumed: re-reads hit L2 when one sample's operand fits in half of it,
-    so DRAM moves x, z and the activation's write and read once each; FLOPs are spent on whole
-    (padded) tiles. Returns the DRAM cost and the bytes read through L2."""
+def memvp_config(s: MemVPShape) -> dict:
+    """kernels/memvp_memory.py's launch_config for this shape, as on a GPU, and under "memory" the
+    tiles of its memory-gradient kernel."""
+    from vlfast.kernels.memvp_memory import launch_config, memory_kernel_config
+
+    x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
+    return {**launch_config(x, s.memory, interpret=False), "memory": memory_kernel_config(x, interpret=False)}
+
+
+def _memvp_activation(s: MemVPShape, t: dict, hw: Hardware, backward: bool) -> Launch:
+    """memvp_activation_kernel: a program per (row tile, memory tile, sample) reduces over D in
+    BLOCK_D steps, reading x once per memory tile and z + pos once per row tile; the gradient mode
+    runs the product twice ((x, key_pos) and (dout, value_pos)) and writes two fp32 (B, L, M)."""
+    e, passes = s.itemsize, 2 if backward else 1
+    row_tiles, mem_tiles = triton.cdiv(s.length, t["BLOCK_L"]), triton.cdiv(s.memory, t["BLOCK_M"])
+    programs, d_steps = row_tiles * mem_tiles * s.batch, triton.cdiv(s.dim, t["BLOCK_D"])
+    x, z, pos = e * s.batch * s.elements(s.length), e * s.batch * s.elements(s.memory), e * s.elements(s.memory)
+    # The grid walks row tiles, then memory tiles, then samples: one sample's operands pass between re-reads.
+    sample = passes * ((x + z) / s.batch + pos)
+    x_dram, x_l2 = _reread(passes * x, mem_tiles * passes * x, sample, hw)
+    m_dram, m_l2 = _reread(z + passes * pos, row_tiles * passes * (z + s.batch * pos), sample, hw)
+    written = (8 if backward else e) * s.batch * s.length * s.memory
+    return Launch("activation gradient" if backward else "activation", programs, t["num_warps"],
+                  dram=x_dram + m_dram + written, l2=x_l2 + m_l2,
+                  flops=passes * 2.0 * programs * t["BLOCK_L"] * t["BLOCK_M"] * d_steps * t["BLOCK_D"],
+                  steps=passes * d_steps, fp32=e == 4)
+
+
+def _memvp_product(s: MemVPShape, t: dict, act_itemsize: int, hw: Hardware, name: str) -> Launch:
+    """memvp_times_memory_kernel: a program per (row tile, D tile, sample) reduces over M in BLOCK_M
+    steps, reading the activation once per D tile and z + pos once per row tile."""
     e = s.itemsize
-    act, product = cfg["act"], cfg["product"]
-    row_tiles = triton.cdiv(s.length, act["BLOCK_L"])
-    mem_tiles = triton.cdiv(s.memory, act["BLOCK_M"])
-    d_tiles = triton.cdiv(s.dim, product["BLOCK_D"])
-    x, activation = s.batch * s.elements(s.length), s.batch * s.length * s.memory
-    memory = s.batch * s.elements(s.memory) + 2 * s.elements(s.memory)
-    dram = e * (2 * x + 2 * activation + memory)
-    l2 = e * (mem_tiles * x + row_tiles * 2 * s.batch * s.elements(s.memory)
-              + d_tiles * activation + triton.cdiv(s.length, product["BLOCK_L"]) * 2 * s.batch * s.elements(s.memory))
-    padded_l = row_tiles * act["BLOCK_L"]
-    flops = 2.0 * s.batch * padded_l * (mem_tiles * act["BLOCK_M"] * s.dim + triton.cdiv(s.memory, product["BLOCK_M"])
-                                        * product["BLOCK_M"] * d_tiles * product["BLOCK_D"])
-    return Cost(dram, flops), l2
+    row_tiles, d_tiles = triton.cdiv(s.length, t["BLOCK_L"]), triton.cdiv(s.dim, t["BLOCK_D"])
+    programs, m_steps = row_tiles * d_tiles * s.batch, triton.cdiv(s.memory, t["BLOCK_M"])
+    act, z, pos = act_itemsize * s.batch * s.length * s.memory, e * s.batch * s.elements(s.memory), e * s.elements(
+        s.memory)
+    sample = (act + z) / s.batch + pos
+    a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
+    m_dram, m_l2 = _reread(z + pos, row_tiles * (z + s.batch * pos), sample, hw)
+    return Launch(name, programs, t["num_warps"], dram=a_dram + m_dram + e * s.batch * s.elements(s.length),
+                  l2=a_l2 + m_l2, flops=2.0 * programs * t["BLOCK_L"] * m_steps * t["BLOCK_M"] * t["BLOCK_D"],
+                  steps=m_steps, fp32=e == 4)
 
 
-def memvp_eager(s: MemVPShape, dropout: bool = True) -> list[Cost]:
-    """The unfused chain: K = z + key_pos, V = z + value_pos, a = x K^T, silu, dropout, h V, * scale."""
+def _memvp_memory_gradient(s: MemVPShape, t: dict, hw: Hardware, side: str) -> Launch:
+    """memvp_bwd_memory_kernel, one side: a program per (memory tile, D tile) walks every sample's
+    rows in BLOCK_L steps, reading the fp32 activation gradient once per D tile and x (or dout) once
+    per memory tile; writes dz in fp32 (the values side reads it back to add) and dpos."""
+    e = s.itemsize
+    mem_tiles, d_tiles = triton.cdiv(s.memory, t["BLOCK_M"]), triton.cdiv(s.dim, t["BLOCK_D"])
+    programs, steps = mem_tiles * d_tiles, s.batch * triton.cdiv(s.length, t["BLOCK_L"])
+    act, rows = 4 * s.batch * s.length * s.memory, e * s.batch * s.elements(s.length)
+    # Resident programs walk the samples in step: one sample's activation and rows pass between re-reads.
+    sample = (act + rows) / s.batch
+    a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
+    r_dram, r_l2 = _reread(rows, mem_tiles * rows, sample, hw)
+    dz = 4 * s.batch * s.elements(s.memory) * (2 if side == "values" else 1)
+    return Launch(f"memory gradient ({side})", programs, t["num_warps"],
+                  dram=a_dram + r_dram + dz + e * s.elements(s.memory), l2=a_l2 + r_l2,
+                  flops=2.0 * programs * steps * t["BLOCK_L"] * t["BLOCK_M"] * t["BLOCK_D"], steps=steps,
+                  fp32=e == 4)
+
+
+def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch | Cost]:
+    """The kernels of kernels/memvp_memory.py with the tiles of `cfg` (memvp_config). Forward: the
+    activation kernel writes the (B, L, M) activation, the product kernel multiplies it by
+    z + value_pos. Backward: the activation kernel's gradient mode, dx = dpre (z + key_pos) with the
+    product kernel, the memory-gradient kernel for each side, and PyTorch's cast of the fp32 dz."""
+    if not backward:
+        return [_memvp_activation(s, cfg["act"], hw, False),
+                _memvp_product(s, cfg["product"], s.itemsize, hw, "product")]
+    return [_memvp_activation(s, cfg["act_backward"], hw, True), _memvp_product(s, cfg["product"], 4, hw, "dx"),
+            _memvp_memory_gradient(s, cfg["memory"], hw, "keys"),
+            _memvp_memory_gradient(s, cfg["memory"], hw, "values"),
+            Cost((4 + s.itemsize) * s.batch * s.elements(s.memory), 0)]  # dz.to(z.dtype)
+
+
+def memvp_eager(s: MemVPShape, dropout: bool = True, backward: bool = False) -> list[Cost]:
+    """The unfused chain: K = z + key_pos, V = z + value_pos, a = x K^T, silu, dropout, h V, * scale;
+    and autograd's backward of it (without dropout)."""
     e = s.itemsize
     x, mem, pos = s.batch * s.elements(s.length), s.batch * s.elements(s.memory), s.elements(s.memory)
     act = s.batch * s.length * s.memory
     mm = 2.0 * s.batch * s.length * s.memory * s.dim
-    return [
+    forward = [
         Cost(e * (2 * mem + pos), 0),  # K = z + key_pos
         Cost(e * (2 * mem + pos), 0),  # V = z + value_pos
         Cost(e * (x + mem + act), mm),  # x @ K^T
@@ -183,6 +349,19 @@ def memvp_eager(s: MemVPShape, dropout: bool = True) -> list[Cost]:
         *([Cost(e * 2 * act + act, 0)] if dropout else []),  # dropout (writes a bool mask)
         Cost(e * (act + mem + x), mm),  # h @ V
         Cost(e * 2 * x, 0),  # * scale
+    ]
+    if not backward:
+        return forward
+    return forward + [
+        Cost(e * 2 * x, 0),  # * scale
+        Cost(e * (x + mem + act), mm),  # dh = g V^T
+        Cost(e * (act + x + mem), mm),  # dV = h^T g
+        Cost(e * (mem + pos), 0),  # dvalue_pos = dV summed over samples
+        Cost(e * 3 * act, 0),  # silu backward
+        Cost(e * (act + mem + x), mm),  # dx = da K
+        Cost(e * (act + x + mem), mm),  # dK = da^T x
+        Cost(e * (mem + pos), 0),  # dkey_pos
+        Cost(e * 3 * mem, 0),  # dz = dK + dV
     ]
 
 
@@ -196,74 +375,135 @@ class AdapterShape:
     itemsize: int = 2
 
     @property
+    def length(self) -> int:
+        return self.tokens // self.batch
+
+    @property
     def weight_bytes(self) -> int:
         d, r, e = self.dim, self.rank, self.experts
         return self.itemsize * (r * d + r + e * d * r + e * d + e * d + e + self.batch * d)
 
 
-def routed_adapter_floor(s: AdapterShape) -> Cost:
-    """One read of x, one write of out, the weights once; the down and (mixed) up products."""
+def routed_adapter_floor(s: AdapterShape, backward: bool = False) -> Cost:
+    """One read of x, one write of out, the weights once; the down and (mixed) up products. Backward:
+    x and dout read, dx written, the weights and their gradients; 5 products (x W_d^T again, dh, the
+    up projection's gradient, dx, dW_d)."""
+    if backward:
+        return Cost(3 * s.itemsize * s.tokens * s.dim + 2 * s.weight_bytes, 10.0 * s.tokens * s.dim * s.rank)
     return Cost(2 * s.itemsize * s.tokens * s.dim + s.weight_bytes, 4.0 * s.tokens * s.dim * s.rank)
 
 
-def routed_adapter_triton(s: AdapterShape, block_l: int, block_r: int, programs: int, hw: Hardware) -> Cost:
-    """The persistent fused forward: x is read in two passes per block of rows; the second comes
-    from L2 when the blocks in flight (programs x block_l rows) fit in L2_SHARE of it. Products run
-    on the rank padded to block_r."""
-    in_flight = programs * block_l * s.dim * s.itemsize
-    second_read = 0 if in_flight <= L2_SHARE * hw.l2_bytes else s.itemsize * s.tokens * s.dim
-    return Cost(routed_adapter_floor(s).bytes + second_read, 4.0 * s.tokens * s.dim * block_r)
+def adapter_config(s: AdapterShape) -> dict:
+    """kernels/routed_adapter.py's tiles for this shape, as on a GPU: "rows" (the forward and the
+    backward's row kernel), "columns" (its column kernel), "programs_per_sm" (the persistent forward)."""
+    from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, columns_config, launch_config
+
+    x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
+    return {"rows": launch_config(x, s.rank, s.experts, interpret=False),
+            "columns": columns_config(x, s.rank, interpret=False), "programs_per_sm": PROGRAMS_PER_SM}
 
 
-def routed_adapter_eager(s: AdapterShape) -> list[Cost]:
-    """The unfused chain, expert by expert: h = x W_d^T + b_d, dropout, y_e = h W_u[e]^T + b_u[e],
-    w_e * y_e, the sum over experts, * scale, + x."""
-    e, n = s.itemsize, s.tokens
-    x, h = n * s.dim, n * s.rank
+# PyTorch kernels of the routed_adapter backward outside the Triton ones (routing weights, the
+# expert and router gradients of vlfast.ops.reference, ddown_bias and casts), counted in the code;
+# small ((B, E, D, R) at most), so each costs about a launch.
+ADAPTER_TORCH_KERNELS = 30
+
+
+def routed_adapter_triton(s: AdapterShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch | Cost]:
+    """The kernels of kernels/routed_adapter.py with the tiles of `cfg` (adapter_config).
+    Forward: persistent programs walk blocks of BLOCK_L rows; per block three loops over D in BLOCK_D
+    steps (routing weights, down projection, mixed up projection + residual), x read in two passes:
+    the second from L2 when the resident programs' blocks fit in L2_SHARE of it. Backward: a
+    program per row block (down projection, dL/dh, dx: dout read twice, the same L2 rule), then a
+    program per D tile reducing over every row for dW_d and the mixed up-projection's gradient."""
+    rows_cfg, cols_cfg = cfg["rows"], cfg["columns"]
+    e, d, r, n = s.itemsize, s.dim, s.rank, s.tokens
+    bl, br, bd = rows_cfg["BLOCK_L"], rows_cfg["BLOCK_R"], rows_cfg["BLOCK_D"]
+    blocks, d_steps = s.batch * triton.cdiv(s.length, bl), triton.cdiv(d, bd)
+    x = e * n * d
+    per_block_weights = e * d * ((s.experts + 1) + r + s.experts * (r + 1))  # router, W_d, W_u and b_u: from L2
+    if not backward:
+        programs = min(blocks, int(cfg["programs_per_sm"] * hw.sms))
+        resident = min(programs, hw.sms * resident_programs(rows_cfg["num_warps"]))
+        x_dram, x_l2 = _reread(x, 2 * x, resident * bl * d * e, hw)
+        return [Launch("forward", programs, rows_cfg["num_warps"], dram=x_dram + x + s.weight_bytes,
+                       l2=x_l2 + blocks * per_block_weights, flops=4.0 * blocks * bl * br * d_steps * bd,
+                       steps=triton.cdiv(blocks, programs) * 3 * d_steps, fp32=e == 4)]
+    resident = min(blocks, hw.sms * resident_programs(rows_cfg["num_warps"]))
+    dout_dram, dout_l2 = _reread(x, 2 * x, resident * bl * d * e, hw)
+    hidden = 2 * 4 * n * r  # the dropped hidden state and its gradient, fp32
+    row_kernel = Launch("backward rows", blocks, rows_cfg["num_warps"],
+                        dram=x + dout_dram + hidden + x + s.weight_bytes, l2=dout_l2 + blocks * per_block_weights,
+                        flops=6.0 * blocks * bl * br * d_steps * bd, steps=3 * d_steps, fp32=e == 4)
+    cl, cbr, cbd = cols_cfg["BLOCK_L"], cols_cfg["BLOCK_R"], cols_cfg["BLOCK_D"]
+    columns, steps = triton.cdiv(d, cbd), s.batch * triton.cdiv(s.length, cl)
+    # Every column program reads all of hidden and its gradient; programs walk the samples in step.
+    h_dram, h_l2 = _reread(hidden, columns * hidden, (hidden + 2 * x) / s.batch, hw)
+    column_kernel = Launch("backward columns", columns, cols_cfg["num_warps"],
+                           dram=2 * x + h_dram + 4 * s.batch * d * (r + 1) + e * r * d, l2=h_l2,
+                           flops=4.0 * columns * steps * cl * cbr * cbd, steps=steps, fp32=e == 4)
+    mixed = 4 * s.batch * d * r + e * s.experts * d * r  # the (B, D, R) gradient and W_u: read by two einsums
+    return [row_kernel, column_kernel, Cost(mixed, 0), Cost(mixed, 0), Cost(4 * n * r, 0),
+            *[Cost(0, 0)] * (ADAPTER_TORCH_KERNELS - 3)]
+
+
+def routed_adapter_eager(s: AdapterShape, backward: bool = False) -> list[Cost]:
+    """The kernels of vlfast.ops.reference.routed_adapter_autograd (no dropout): h = x W_d^T + b_d,
+    y_e = h W_u[e]^T + b_u[e] stacked, weighted by the routing weights, summed over experts, * scale,
+    + x; and autograd's backward of it. The router's (B, E)-sized kernels cost a launch each."""
+    e, n, experts = s.itemsize, s.tokens, s.experts
+    x, h = e * n * s.dim, e * n * s.rank
     mm = 2.0 * n * s.dim * s.rank
-    per_expert = [Cost(e * (h + x), mm), Cost(e * 2 * x, 0)]  # y_e = h W_u[e]^T + b_u[e]; w_e * y_e
-    return [
-        Cost(e * (x + h), mm),  # h = x W_d^T + b_d
-        Cost(e * 2 * h + h, 0),  # dropout (writes a bool mask)
-        *per_expert * s.experts,
-        Cost(e * (s.experts * x + x), 0),  # sum over experts
-        Cost(e * 2 * x, 0),  # * scale
-        Cost(e * 3 * x, 0),  # + x
+    small = Cost(0, 0)
+    forward = [
+        *[small] * 4,  # router: product, + bias, / temperature, softmax
+        Cost(x + h, mm),  # x W_d^T
+        Cost(2 * h, 0),  # + b_d
+        *[Cost(h + x, mm), Cost(2 * x, 0)] * experts,  # h W_u[e]^T, + b_u[e]
+        Cost(2 * experts * x, 0),  # stack
+        Cost(2 * experts * x, 0),  # * routing weights
+        Cost(experts * x + x, 0),  # sum over experts
+        Cost(2 * x, 0),  # * scale
+        Cost(3 * x, 0),  # + x
+    ]
+    if not backward:
+        return forward
+    return forward + [
+        Cost(2 * x, 0),  # * scale
+        Cost(x + experts * x, 0),  # d(stacked) = g * routing weights
+        Cost(experts * x + x + experts * x, 0), Cost(experts * x, 0),  # d(routing weights): g * stacked, summed
+        *[Cost(x, 0), Cost(x + h, mm), Cost(x + h, mm)] * experts,  # d b_u[e], dh_e = dy W_u[e], dW_u[e] = dy^T h
+        Cost(experts * h, 0),  # dh summed over experts
+        Cost(h, 0),  # d b_d
+        Cost(h + x, mm), Cost(h + x, mm),  # dh W_d, dh^T x
+        Cost(3 * x, 0),  # dx = g + dh W_d
+        *[small] * 6,  # router backward
     ]
 
 
-def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool = False) -> dict[str, float] | None:
+def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool = False) -> dict[str, float]:
     """Projected seconds of the floor, the fused Triton kernels (as the launchers configure them) and
-    the eager chain for one op at `dims` (the names of vlfast.gpucheck's cases); None where the fused
-    kernel has no model (memvp_memory's and routed_adapter's backward)."""
-    import torch
-
+    the eager chain for one op at `dims` (the names of vlfast.gpucheck's cases): the forward, or with
+    `backward` the forward + backward (as vlfast.gpucheck times them). For cross_attention also
+    "flash_s": SDPA's flash forward as modelled by flash_attention_forward (forward only)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    meta = dict(dtype=dtype, device="meta")
+    passes = (False, True) if backward else (False,)
     if op == "cross_attention":
-        from vlfast.kernels.cross_attention import launch_config
-
         s = AttentionShape(dims["B"], dims["H"], dims["Lq"], dims["Lk"], dims["D"], itemsize=itemsize)
-        cfg = launch_config(torch.empty(1, 1, s.q_len, s.head_dim, **meta), s.kv_len, interpret=False)
-        floor = cross_attention_floor(s, backward)
-        fused = cross_attention_triton(s, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], backward)
+        cfg = attention_config(s)
+        floor = sum((cross_attention_floor(s, b) for b in passes), Cost(0, 0))
+        fused = [k for b in passes for k in cross_attention_triton(s, cfg, hw, b)]
         eager = cross_attention_eager(s, backward)
-    elif backward:
-        return None
+        extra = {} if backward else {"flash_s": chain_seconds(flash_attention_forward(s, hw), hw)}
     elif op == "memvp_memory":
-        from vlfast.kernels.memvp_memory import launch_config
-
         s = MemVPShape(dims["B"], dims["L"], dims["M"], dims["D"], itemsize=itemsize)
-        cfg = launch_config(torch.empty(1, 1, s.dim, **meta), s.memory, interpret=False)
-        floor, (fused, _) = memvp_floor(s), memvp_triton(s, cfg)
-        eager = memvp_eager(s, dropout=False)
+        floor = sum((memvp_floor(s, b) for b in passes), Cost(0, 0))
+        fused = [k for b in passes for k in memvp_triton(s, memvp_config(s), hw, b)]
+        eager, extra = memvp_eager(s, dropout=False, backward=backward), {}
     else:
-        from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, launch_config
-
         s = AdapterShape(dims["B"], dims["B"] * dims["L"], dims["D"], dims["R"], dims["E"], itemsize=itemsize)
-        cfg = launch_config(torch.empty(1, 1, s.dim, **meta), s.rank, s.experts, interpret=False)
-        floor = routed_adapter_floor(s)
-        fused = routed_adapter_triton(s, cfg["BLOCK_L"], cfg["BLOCK_R"], PROGRAMS_PER_SM * hw.sms, hw)
-        eager = routed_adapter_eager(s)
-    return {"floor_s": floor.seconds(hw), "floor_bytes": floor.bytes, "fused_s": fused.seconds(hw),
-            "eager_s": chain_seconds(eager, hw)}
+        floor = sum((routed_adapter_floor(s, b) for b in passes), Cost(0, 0))
+        fused = [k for b in passes for k in routed_adapter_triton(s, adapter_config(s), hw, b)]
+        eager, extra = routed_adapter_eager(s, backward), {}
+    return {"floor_s": floor.seconds(hw), "floor_bytes": floor.bytes, "fused_s": chain_seconds(fused, hw),
+            "eager_s": chain_seconds(eager, hw), **extra}

@@ -108,7 +108,8 @@ PROBLEMS = {"cross_attention": _attention, "memvp_memory": _memvp, "routed_adapt
 def time_op(op: str, dtype: torch.dtype, device: torch.device, hw: Hardware, compile_eager: bool,
             deadline: float = float("inf")) -> Iterator[dict]:
     """One record per implementation and pass (forward; forward + backward): median seconds, the
-    achieved bandwidth over the op's floor bytes, and the projection where the cost model has one."""
+    achieved bandwidth over the op's floor bytes (forward + backward: both passes' floors), and the
+    projection where the cost model has one (forward + backward projected as both passes)."""
     dims = SHAPES[op]
     tensors, implementations = PROBLEMS[op](dims, dtype, device)
     if compile_eager:
@@ -141,10 +142,10 @@ def time_op(op: str, dtype: torch.dtype, device: torch.device, hw: Hardware, com
                     torch.cuda.synchronize(device)  # raises when the failure took the CUDA context with it
                 continue
             row = {**record, "status": "ok", "median_s": seconds}
-            if projection is not None:
-                row["floor_bandwidth"] = projection["floor_bytes"] / seconds  # the op's useful bytes per second
-                row["projected_floor_s"] = projection["floor_s"]
-                key = {"eager": "eager_s", "vlfast triton": "fused_s"}.get(name)
-                if key:
-                    row["projected_s"] = projection[key]
+            row["floor_bandwidth"] = projection["floor_bytes"] / seconds  # the op's useful bytes per second
+            row["projected_floor_s"] = projection["floor_s"]
+            key = {"eager": "eager_s", "vlfast triton": "fused_s",
+                   "sdpa flash (no mask: it takes none)": "flash_s"}.get(name)
+            if key in projection:
+                row["projected_s"] = projection[key]
             yield row
