@@ -40,14 +40,16 @@ def _patch_names(model: VisionLanguageModel) -> list[str]:
     return [name for name, child in model.llm.named_children() if id(child) in patches]
 
 
-def _trainable_state(model: VisionLanguageModel) -> dict[str, Tensor]:
+def _trainable_state(model: VisionLanguageModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The VPG's and the LLM patches' weights, in the model's state-dict names."""
     prefixes = ("vpg.", *(f"llm.{name}." for name in _patch_names(model)))
-    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
-def _frozen_state(module: nn.Module, skip: list[str]) -> dict[str, Tensor]:
-    return {k: v for k, v in module.state_dict().items() if k.split(".")[0] not in skip}
+def _frozen_state(state: dict[str, Tensor], prefix: str, skip: list[str]) -> dict[str, Tensor]:
+    """The part of the model's `state` under `prefix`, in its own names, without the `skip` children."""
+    part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in part.items() if k.split(".")[0] not in skip}
 
 
 def _fingerprint(state: dict[str, Tensor]) -> str:
@@ -91,13 +93,16 @@ def _mma_kwargs(model: VisionLanguageModel) -> dict | None:
             "temperature": mma.temperature, "scale": mma.scale, "dropout_p": mma.dropout_p}
 
 
-def save(model: VisionLanguageModel, directory: str | Path, *, copy_frozen: bool = False) -> None:
+def save(model: VisionLanguageModel, directory: str | Path, *, copy_frozen: bool = False,
+         state: dict[str, Tensor] | None = None) -> None:
+    """`state`: the model's state dict, given whole when the model's own is sharded (FSDP)."""
     if is_patched(model.llm, "mma") and patch_module(model.llm, "mma").patch.merged_originals:
         raise ValueError("the MMA adapters are merged into the LLM's q/k/v weights: save before merge_mma (or after "
                          "revert_mma and a fresh apply_mma), so that loading does not apply them twice")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    llm_state, tower = _frozen_state(model.llm, _patch_names(model)), model.vision_tower
+    state = model.state_dict() if state is None else state
+    llm_state, tower = _frozen_state(state, "llm.", _patch_names(model)), model.vision_tower
     config = {
         "format": FORMAT, "connector": model.connector, "mma": _mma_kwargs(model),
         "llm_dtype": {dtype: name for name, dtype in LLM_DTYPES.items()}[_dtype(llm_state)],
@@ -109,7 +114,8 @@ def save(model: VisionLanguageModel, directory: str | Path, *, copy_frozen: bool
         "tokenizer": model.tokenizer is not None,
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-    save_file({k: v.detach().contiguous() for k, v in _trainable_state(model).items()}, str(directory / WEIGHTS_NAME))
+    save_file({k: v.detach().contiguous() for k, v in _trainable_state(model, state).items()},
+              str(directory / WEIGHTS_NAME))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)
 
@@ -165,8 +171,9 @@ def load(directory: str | Path, *, vision_tower: nn.Module | None = None) -> Vis
     model = VisionLanguageModel(vision_tower, VPG(VPGConfig.from_dict(values["vpg"])), llm,
                                 connector=values["connector"], mma=values["mma"], tokenizer=tokenizer,
                                 llm_dtype=values["llm_dtype"])
-    _check_fingerprint(values["llm"], _frozen_state(llm, _patch_names(model)), directory, "LLM")
-    expected = set(_trainable_state(model))
+    state = model.state_dict()
+    _check_fingerprint(values["llm"], _frozen_state(state, "llm.", _patch_names(model)), directory, "LLM")
+    expected = set(_trainable_state(model, state))
     if set(weights) != expected:
         raise ValueError(f"{directory / WEIGHTS_NAME}: weights {sorted(set(weights) - expected)} are not this model's "
                          f"and {sorted(expected - set(weights))} are missing")

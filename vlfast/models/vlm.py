@@ -198,13 +198,14 @@ class VisionLanguageModel(nn.Module):
 
         return self._run(run, prompts, modalities)
 
-    def save_pretrained(self, directory: str, *, copy_frozen: bool = False) -> None:
+    def save_pretrained(self, directory: str, *, copy_frozen: bool = False, state: dict[str, Tensor] | None = None):
         """A self-contained model directory (vlfast.models.saving): the trained weights, the settings,
         the tokenizer, and the frozen LLM and tower by reference, or copied when they have no
-        directory to refer to or `copy_frozen` is set."""
+        directory to refer to or `copy_frozen` is set. `state`: the model's state dict, given whole
+        when its own is sharded (FSDP)."""
         from vlfast.models.saving import save
 
-        save(self, directory, copy_frozen=copy_frozen)
+        save(self, directory, copy_frozen=copy_frozen, state=state)
 
     @classmethod
     def from_pretrained(cls, directory: str, *, vision_tower: nn.Module | None = None) -> VisionLanguageModel:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from vlfast.training import checkpoint
+from vlfast.training import checkpoint, fsdp
 from vlfast.training.distributed import Processes
 from vlfast.training.signals import Interrupted, StopSignals
 
@@ -91,6 +91,8 @@ class Run:
     max_steps: int | None = None  # the budget in optimizer steps instead of the stages' epochs
     max_grad_norm: float = 0.0  # clip the gradients' norm to this before each step; 0: no clipping
     tensorboard: Path | None = None  # train/<term>, train/lr and val/<score> are logged here
+    # Weights sharded over the processes (FSDP): every process validates, since gathering them takes all.
+    sharded: bool = False
 
     def train(self) -> dict:
         """Trains from the start or from the last checkpoint. Returns the history of validations
@@ -107,19 +109,22 @@ class Run:
             weights, progress = saved
             with torch.no_grad():
                 for name, tensor in self.weights.items():
-                    tensor.copy_(weights[name])
+                    fsdp.load_full(tensor, weights[name])
             checkpoint.set_rng_state(progress.pop("rng"))
             resumed = {k: progress.pop(k) for k in ("stage", "optimizer", "scheduler")}
         writer = self._writer(progress["step"] if saved else None)
         stage_index = optimizer = scheduler = order = order_epoch = label = None
 
         def save() -> None:
+            # Sharded tensors are gathered whole (by every process), so that any number of processes resumes.
+            weights = {name: fsdp.full(tensor) for name, tensor in self.weights.items()}
+            # Before its stage restarts, a resumed run saves the optimizer state it resumed from.
+            current = resumed if optimizer is None else {
+                "stage": stage_index, "optimizer": fsdp.full_optimizer_state(optimizer.state_dict()),
+                "scheduler": scheduler.state_dict()}
             if processes.main:
-                # Before its stage restarts, a resumed run saves the optimizer state it resumed from.
-                current = resumed if optimizer is None else {"stage": stage_index, "optimizer": optimizer.state_dict(),
-                                                             "scheduler": scheduler.state_dict()}
-                state = {**progress, "rng": checkpoint.rng_state(), **current}
-                checkpoint.save(self.directory / CHECKPOINTS, self.weights, state)
+                checkpoint.save(self.directory / CHECKPOINTS, weights, {**progress, "rng": checkpoint.rng_state(),
+                                                                         **current})
             processes.barrier()
 
         start = time.perf_counter()
@@ -143,6 +148,7 @@ class Run:
                     optimizer, scheduler = self.start(stage, ends[stage_index] - first)
                     if resumed.get("stage") == stage_index:
                         optimizer.load_state_dict(resumed["optimizer"])
+                        fsdp.shard_optimizer_state(optimizer)
                         scheduler.load_state_dict(resumed["scheduler"])
                 if epoch != order_epoch:
                     order, order_epoch = self.order(epoch), epoch
@@ -185,7 +191,7 @@ class Run:
 
     def _validate(self, step: int, steps_per_epoch: int, stage: Stage, progress: dict, writer) -> None:
         epoch = epoch_at(step, steps_per_epoch)
-        scores = self.evaluate(step, epoch) if self.processes.main else {}
+        scores = self.evaluate(step, epoch) if self.processes.main or self.sharded else {}
         progress["history"].append({"epoch": epoch, "step": step, "stage": stage.name,
                                     "wall_s": round(progress["wall_s"], 3), **scores})
         if writer:

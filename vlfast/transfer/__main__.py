@@ -1,6 +1,7 @@
 """`python -m vlfast.transfer`: VPGTrans on the embedded default (no arguments needed).
 
-Also `torchrun --nproc_per_node=N -m vlfast.transfer ...` for data-parallel training, `--config
+Also `torchrun --nproc_per_node=N -m vlfast.transfer ...` for data-parallel training (with `--fsdp`,
+the frozen LLM and the VPG sharded over the processes rather than copied to each), `--config
 FILE.yaml` for settings, and `--resume` to continue an interrupted run.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     arguments = parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
         config = config_to_run(TransferConfig, given_values(arguments), arguments.resume,
-                               machine=("device", "grad_checkpointing"))  # neither changes the numbers
+                               machine=("device", "grad_checkpointing", "fsdp"))  # none changes the numbers
         out = Path(config.output_dir)
         processes = distributed.start(config.device)
         parts = experiment.prepare(config)

@@ -49,6 +49,9 @@ class TransferConfig:
     batch_size: int = 64  # global: split across processes under torchrun
     grad_accum: int = 1  # batches accumulated per optimizer step: a step sees batch_size x grad_accum examples
     grad_checkpointing: bool = False  # recompute the Q-Former's and the frozen LLM's activations in the backward pass
+    # Under torchrun: shard the frozen LLM (each decoder layer) and the VPG over the processes with FSDP2 instead of
+    # copying them to each; one process: no effect (nothing to shard over).
+    fsdp: bool = False
     max_grad_norm: float = 0.0  # clip the trained parameters' gradient norm to this before each step; 0: no clipping
     lr: float = 1e-3
     stage1_lr_multiplier: float = 5.0
@@ -94,6 +97,9 @@ class TransferConfig:
             "grad_checkpointing": (not self.grad_checkpointing or (self.connector == "input" and not self.mma),
                                    "off with the memory connector or --mma (their per-batch state is gone when the "
                                    "backward pass recomputes the LLM)"),
+            "fsdp": (not self.fsdp or (self.connector == "input" and not self.mma and self.eval_task is None),
+                     "off with the memory connector, --mma or --eval-task (their LLM patches and the benchmark's "
+                     "scoring in the main process alone are not sharded)"),
         }
         checks |= {name: (getattr(self, name) > 0, "a positive number")
                    for name in ("train_images", "val_images", "source_epochs", "batch_size", "lr",

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -18,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlfast import training
 from vlfast.data.collate import CaptionCollator
-from vlfast.models import VisionLanguageModel
-from vlfast.training import StopSignals, epoch_steps, seed_for
+from vlfast.models import VPG, VisionLanguageModel
+from vlfast.training import StopSignals, epoch_steps, fsdp, seed_for
 from vlfast.training.distributed import Processes
 from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.data import Split
@@ -81,6 +82,9 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         return json.loads((run_dir / RESULT).read_text())
     config, processes, device = context.config, context.processes, context.processes.device
     model.to(device)
+    sharded = config.fsdp and processes.world > 1  # one process has nothing to shard: --fsdp does nothing then
+    if sharded:  # before the parameters are listed: sharding replaces them
+        fsdp.shard(model.llm, model.vpg, processes)
     trained = {id(p) for stage in stages for p in stage.trainable(model)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     network = model
@@ -88,7 +92,7 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     def start(stage: Stage, steps: int):
         nonlocal network
         optimizer, scheduler = _start_stage(model, stage, steps, config.min_lr_ratio)
-        network = DistributedDataParallel(model) if processes.world > 1 else model
+        network = DistributedDataParallel(model) if processes.world > 1 and not sharded else model
         return optimizer, scheduler
 
     def scores(step: int, epoch: int | float) -> dict:
@@ -100,6 +104,7 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
             raise ValueError(f"--metric {config.metric}: the evaluation gave no such score (it gave "
                              f"{', '.join(k for k, v in found.items() if v is not None)}); a score can be missing "
                              "when --eval-limit leaves out a whole group or Java is absent")
+        fsdp.reshard(model)
         model.train()
         return found
 
@@ -111,11 +116,17 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         {n: p for n, p in sorted(model.named_parameters()) if id(p) in trained}, start,
         lambda stage, batches: _step(model, network, batches, context, autocast, stage.losses), scores,
         processes, context.signals, config.checkpoint_every, config.eval_every, max_steps, config.max_grad_norm,
-        context.output_dir / "tensorboard" / name).train()
+        context.output_dir / "tensorboard" / name, sharded).train()
     model.requires_grad_(False)
+    state = fsdp.full_state(model) if sharded else None  # every process gathers; the main one gets it whole
     if processes.main:
-        model.vpg.save_pretrained(run_dir / "vpg")  # what a later run transfers
-        model.save_pretrained(run_dir / "model")  # everything trained, MemVP / MMA included: vlfast.generate, export
+        vpg = model.vpg
+        if state is not None:  # a whole copy of the sharded VPG
+            vpg = VPG(vpg.config)
+            vpg.load_state_dict({k.removeprefix("vpg."): v for k, v in state.items() if k.startswith("vpg.")})
+        vpg.save_pretrained(run_dir / "vpg")  # what a later run transfers
+        # Everything trained, MemVP / MMA included: vlfast.generate, export.
+        model.save_pretrained(run_dir / "model", state=state)
         (run_dir / RESULT).write_text(json.dumps(result, indent=1))
     processes.barrier()
     return result
@@ -136,8 +147,8 @@ def _step(model: VisionLanguageModel, network: nn.Module, batches: list[Tensor],
     """Forward and backward of this process's share of one optimizer step's global batches (more
     than one with gradient accumulation). The loss is normalised by the labelled tokens of all of
     them over all processes, so any number of processes and any split into accumulated batches give
-    the gradient of one batch (DDP averages over processes, hence the factor `world`; it
-    synchronises after the last batch only). The extra losses on the captions (examples without a
+    the gradient of one batch (DDP and FSDP average over processes, hence the factor `world`;
+    they synchronise after the last batch only). The extra losses on the captions (examples without a
     prompt) join it, normalised over all captions. Returns this process's parts of the step's LM
     loss, each extra loss and their weighted total (over processes they sum to the step's)."""
     processes = context.processes
@@ -151,7 +162,8 @@ def _step(model: VisionLanguageModel, network: nn.Module, batches: list[Tensor],
         batch = {key: value.to(processes.device) for key, value in batch.items()}
         features = context.train.features[torch.tensor([e.image for e in share])].to(processes.device)
         last = k == len(shares) - 1
-        with nullcontext() if last or processes.world == 1 else network.no_sync():
+        accumulating = network.no_sync if isinstance(network, DistributedDataParallel) else partial(fsdp.no_sync, model)
+        with nullcontext() if last or processes.world == 1 else accumulating():
             with autocast:
                 lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                       image_features=features, num_items_in_batch=tokens, return_prompts=True)
