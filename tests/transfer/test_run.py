@@ -76,7 +76,7 @@ def test_a_given_source_vpg_is_transferred_not_trained(tiny_defaults, tmp_path):
     (["--source-vpg", "/nowhere/vpg"], "--source-vpg /nowhere/vpg: no such directory"),
     (["--target-llm", "/nowhere/llm"], "--target-llm /nowhere/llm: no such directory"),
     (["--config", "/nowhere.yaml"], "--config /nowhere.yaml: no such file"),
-    (["--data", "coco:/nowhere"], "--data coco:/nowhere: no such directory"),
+    (["--data", "coco:/nowhere"], "--data 'coco:/nowhere': coco:/nowhere: no such directory"),
     (["--connector", "side"], "connector must be input or memory, got 'side'"),
     (["--epochs", "1"], "epochs must be at least 2"),
     (["--data", "wds:/nowhere/{0..3}.tar"], "--data wds:/nowhere/{0..3}.tar: no shard matches the pattern"),
