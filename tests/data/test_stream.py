@@ -150,7 +150,7 @@ def mixture(tmp_path, workers=0, batch_size=5, samples=2000) -> StreamLoader:
         write_shards(tmp_path / "shards", shards=4, per_shard=5)
         write_coco(tmp_path / "coco")
     specs = parse_data(f"wds:{tmp_path}/shards/{{000..003}}.tar=0.5,shapes=0.3,coco:{tmp_path}/coco=0.2")
-    sources = [make_source(spec, 16, shapes_size=10) for spec in specs]
+    sources = [make_source(spec, 16, images=10) for spec in specs]
     stream = Stream(sources, [s.ratio for s in specs], batch_size=batch_size, samples_per_epoch=samples, seed=3)
     return StreamLoader(stream, workers)
 

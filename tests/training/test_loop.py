@@ -62,8 +62,9 @@ def toy_run(directory: Path, stop_at: int | None = None, **budget) -> tuple[Run,
         with torch.no_grad():
             return {"val": nn.functional.mse_loss(model(inputs), targets).item()}
 
-    run = Run("toy", directory, [Stage("first", 1), Stage("second", 3)],
-              lambda epoch: epoch_steps(40, 8, 1, 1, seed_for(0, "toy", epoch)), dict(model.named_parameters()),
+    run = Run("toy", directory, [Stage("first", 1), Stage("second", 3)], 5,
+              lambda epoch, first: iter(epoch_steps(40, 8, 1, 1, seed_for(0, "toy", epoch))[first:]),
+              dict(model.named_parameters()),
               start, step, evaluate, Processes(0, 1, torch.device("cpu")), signals, checkpoint_every=4, **budget)
     return run, model
 

@@ -76,9 +76,14 @@ def test_a_given_source_vpg_is_transferred_not_trained(tiny_defaults, tmp_path):
     (["--source-vpg", "/nowhere/vpg"], "--source-vpg /nowhere/vpg: no such directory"),
     (["--target-llm", "/nowhere/llm"], "--target-llm /nowhere/llm: no such directory"),
     (["--config", "/nowhere.yaml"], "--config /nowhere.yaml: no such file"),
-    (["--data", "coco:/nowhere"], "--data coco:/nowhere: no such directory"),
+    (["--data", "coco:/nowhere"], "--data 'coco:/nowhere': coco:/nowhere: no such directory"),
     (["--connector", "side"], "connector must be input or memory, got 'side'"),
     (["--epochs", "1"], "epochs must be at least 2"),
+    (["--data", "wds:/nowhere/{0..3}.tar"], "--data wds:/nowhere/{0..3}.tar: no shard matches the pattern"),
+    (["--val-data", "coco:/nowhere"], "--val-data 'coco:/nowhere': coco:/nowhere: no such directory"),
+    (["--samples-per-epoch", "0"], "samples_per_epoch must be a positive number"),
+    (["--workers", "-1"], "workers must be 0 or more"),
+    (["--on-error", "ignore"], "on_error must be skip or raise"),
 ])
 def test_bad_input_stops_before_training(tiny_defaults, tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as stop:

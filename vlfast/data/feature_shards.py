@@ -1,9 +1,11 @@
 """A frozen tower's features of a whole source, written once as webdataset shards and read back as
 a source like any other (streamed, split, mixed, resumed), never held whole in memory.
 
-Each cached sample is `NNNNNNNNN.npy` (fp16 (tokens, width)), `.txt` (its caption) and `.key.txt`
-(the source sample's key). The shards live under root/<fingerprint>/, the fingerprint covering the
-tower's config and weights, the preprocessing and the source, so a changed tower or source never
+Each cached sample is `NNNNNNNNN.npy` (fp16 (tokens, width)), `.txt` (its caption), `.key.txt`
+(the source sample's key) and, when the source gives them, `.prompt.txt` and `.refs.json` (its
+prompt and its image's references). Read back, each pass takes a shard's samples in a seeded
+order. The shards live under root/<fingerprint>/, the fingerprint covering the tower's config and
+weights, the preprocessing and the source, so a changed tower or source never
 reads stale features; `index.json` is written last and the folder renamed into place, so a
 half-written cache is never read.
 """
@@ -33,7 +35,7 @@ def feature_shards(source: Source, tower: nn.Module, root: str | Path, *, batch_
     if not (directory / "index.json").is_file():
         _write(source, tower, directory, batch_size, samples_per_shard, num_workers, on_error)
     index = json.loads((directory / "index.json").read_text())
-    return ShardSource(f"{directory}/{{{0:06d}..{index['shards'] - 1:06d}}}.tar", 0)
+    return ShardSource(f"{directory}/{{{0:06d}..{index['shards'] - 1:06d}}}.tar", 0, shuffle=True)
 
 
 def _write(source: Source, tower: nn.Module, directory: Path, batch_size: int, samples_per_shard: int,
@@ -48,9 +50,13 @@ def _write(source: Source, tower: nn.Module, directory: Path, batch_size: int, s
     with wds.ShardWriter(f"{partial}/%06d.tar", maxcount=samples_per_shard, verbose=0) as sink:
         for batch in loader:
             features = tower_features(tower, batch["pixel_values"].to(device, non_blocking=True))
-            for row, caption, key in zip(features.to(torch.float16).cpu().numpy(), batch["captions"],
-                                         batch["keys"], strict=True):
-                sink.write({"__key__": f"{written:09d}", "npy": row, "txt": caption, "key.txt": key})
+            for row, caption, key, prompt, references in zip(
+                    features.to(torch.float16).cpu().numpy(), batch["captions"], batch["keys"], batch["prompts"],
+                    batch["references"], strict=True):
+                sample = {"__key__": f"{written:09d}", "npy": row, "txt": caption, "key.txt": key}
+                sample |= ({"prompt.txt": prompt} if prompt else {}) | ({"refs.json": list(references)}
+                                                                       if references else {})
+                sink.write(sample)
                 written += 1
     if not written:
         raise ValueError(f"{source.name}: no usable sample to compute features of")

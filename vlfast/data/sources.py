@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,10 @@ Position = list[int]  # [pass, shard or item ordinal in the pass, tar samples re
 
 class Sample(NamedTuple):
     image: torch.Tensor  # (3, size, size) normalised pixels, or (tokens, width) float32 features
-    caption: str
-    key: str  # unique within its source (the feature cache's key)
+    caption: str  # the text the LM is scored on (a caption, or the answer to `prompt`)
+    key: str  # the image's, unique within its source (examples of one image share it)
+    prompt: str = ""  # text before the caption: a question, or '' for a caption
+    references: tuple[str, ...] = ()  # every caption of the image (CIDEr); () when only `caption` is known
 
 
 class SampleError(ValueError):
@@ -150,11 +153,14 @@ class ShardSource(Source):
     """webdataset tar shards: samples with an image (jpg, jpeg, png or webp) and a caption (`txt`,
     or `json` as LAVIS writes it: a dict with "caption" or VPGTrans's "all_captions" and
     "all_similarities", or a list, whose first caption is taken), or with `npy` features and a
-    `txt` caption (the feature cache; image_size is then unused). With fewer shards than slots
-    every slot reads every shard and keeps every slots-th sample."""
+    `txt` caption, and optionally `prompt.txt` and `refs.json` (the feature cache; image_size is then
+    unused). With fewer shards than slots every slot reads every shard and keeps every slots-th
+    sample. `shuffle`: each pass reads a shard's samples in a seeded order, seeking in the tar file
+    (local shards only: the feature cache, whose shards would otherwise be read in one fixed order)."""
 
-    def __init__(self, pattern: str, image_size: int) -> None:
+    def __init__(self, pattern: str, image_size: int, *, shuffle: bool = False) -> None:
         self.name, self.shards, self.image_size = f"wds:{pattern}", expand_shards(pattern), image_size
+        self.shuffle = shuffle
 
     def part(self, slot: int, slots: int, seed: int, position: Position, cycle: bool,
              errors: ErrorCounter) -> Iterator[tuple[Sample, Position]]:
@@ -166,7 +172,7 @@ class ShardSource(Source):
             order = [owned[i] for i in _permutation(len(owned), seed, 1, slot, pass_)]
             yielded = first > 0 or offset > 0  # a resumed pass has yielded before
             for item in range(first, len(order)):
-                for index, raw in enumerate(self._raw_samples(order[item], errors)):
+                for index, raw in enumerate(self._raw_samples(order[item], errors, seed, pass_)):
                     if index < offset or (not spread and index % slots != slot):
                         continue
                     offset = index + 1
@@ -179,8 +185,11 @@ class ShardSource(Source):
                 return
             pass_, first = pass_ + 1, 0
 
-    @staticmethod
-    def _raw_samples(shard: str, errors: ErrorCounter) -> Iterator[dict]:
+    def _raw_samples(self, shard: str, errors: ErrorCounter, seed: int, pass_: int) -> Iterator[dict]:
+        if self.shuffle:
+            yield from _shuffled_samples(shard, errors, seed, 3, pass_, self.shards.index(shard))
+            return
+
         def handler(error: Exception) -> bool:
             errors(shard, "(tar stream)", f"unreadable tar data, the rest of the shard is lost: {error.args[0]!r}")
             return False  # webdataset stops reading this shard
@@ -201,7 +210,9 @@ class ShardSource(Source):
             return None
         if "npy" in raw:
             features = torch.from_numpy(np.load(io.BytesIO(raw["npy"])).astype(np.float32))
-            return Sample(features, caption, raw.get("key.txt", key.encode()).decode())
+            references = tuple(json.loads(raw["refs.json"])) if "refs.json" in raw else ()
+            return Sample(features, caption, raw.get("key.txt", key.encode()).decode(),
+                          raw.get("prompt.txt", b"").decode(), references)
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             errors(shard, key, f"no image ({', '.join(IMAGE_EXTENSIONS)})")
@@ -212,6 +223,25 @@ class ShardSource(Source):
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             errors(shard, key, f"undecodable image ({error})")
             return None
+
+
+def _shuffled_samples(shard: str, errors: ErrorCounter, *seed: int) -> Iterator[dict]:
+    """A local tar shard's samples in a seeded order: its headers are read first, then each sample's
+    files by seeking, so that no more than one sample is in memory."""
+    try:
+        with tarfile.open(shard) as tar:
+            grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar.getmembers():
+                if member.isfile():  # webdataset's grouping: the key ends at the base name's first dot
+                    folder, _, base = member.name.rpartition("/")
+                    key, _, extension = base.partition(".")
+                    grouped.setdefault(f"{folder}/{key}" if folder else key, {})[extension] = member
+            keys = list(grouped)
+            for i in _permutation(len(keys), *seed):
+                yield {"__key__": keys[i]} | {extension: tar.extractfile(member).read()
+                                              for extension, member in grouped[keys[i]].items()}
+    except (tarfile.TarError, OSError) as error:
+        errors(shard, "(tar stream)", f"unreadable tar data, the rest of the shard is lost: {error!r}")
 
 
 def _caption(raw: dict) -> str:
@@ -249,33 +279,44 @@ class IndexedSource(Source):
 
 
 class _Shapes:  # picklable for DataLoader workers (a closure would not be)
-    def __init__(self, size: int, seed: int, image_size: int) -> None:
-        self.data, self.image_size = ShapesDataset("train", size, seed), image_size
+    """Two examples per scene: item 2n is scene n's caption (phrasing n % 4), item 2n + 1 its question
+    n % (its number of questions) with the answer; the references are all four phrasings."""
+
+    def __init__(self, split: str, size: int, seed: int, image_size: int) -> None:
+        self.data, self.image_size = ShapesDataset(split, size, seed), image_size
 
     def __call__(self, i: int) -> Sample:
-        scene = self.data[i]
+        n = i // 2
+        scene = self.data[n]
         image = Image.fromarray(scene.image.permute(1, 2, 0).numpy())
-        return Sample(image_to_tensor(image, self.image_size), scene.captions[i % len(scene.captions)],
-                      f"shapes/train/{self.data.seed}/{i}")
+        prompt, target = scene.questions[n % len(scene.questions)] if i % 2 else ("", scene.captions[n % 4])
+        return Sample(image_to_tensor(image, self.image_size), target,
+                      f"shapes/{self.data.split}/{self.data.seed}/{n}", prompt, tuple(scene.captions))
 
 
 class _Coco:
-    def __init__(self, root: str, image_size: int, on_error: str) -> None:
-        self.data = CocoCaptions(Path(root) / "annotations" / "captions_train2017.json", Path(root) / "train2017",
+    """Each caption of the first `images` readable images of a split is an example."""
+
+    def __init__(self, root: str, split: str, images: int | None, image_size: int, on_error: str) -> None:
+        self.data = CocoCaptions(Path(root) / "annotations" / f"captions_{split}2017.json", Path(root) / f"{split}2017",
                                  image_size=image_size, skip_missing=on_error == "skip")
+        grouped = list(self.data.captions_by_image().items())[:images]
+        self.items = [(path, caption, tuple(captions)) for path, captions in grouped for caption in captions]
 
     def __call__(self, i: int) -> Sample:
-        image, caption = self.data[i]
-        return Sample(image, caption, f"coco/{self.data.items[i][0].resolve()}")
+        path, caption, references = self.items[i]
+        return Sample(self.data.load(path), caption, f"coco/{path.resolve()}", "", references)
 
 
-def make_source(spec: SourceSpec, image_size: int, *, shapes_size: int = 1000, seed: int = 0,
-                on_error: str = "skip") -> Source:
-    """The source of a parsed spec; shapes: the first `shapes_size` train scenes of `seed`; coco: its
-    train2017 captions (COCO drops missing or unreadable images up front with on_error='skip')."""
+def make_source(spec: SourceSpec, image_size: int, *, split: str = "train", images: int | None = None,
+                seed: int = 0, on_error: str = "skip") -> Source:
+    """The source of a parsed spec. shapes: the first `images` (default 1000) scenes of the split of
+    `seed`; coco: the captions of the first `images` (default all) images of DIR/{split}2017 (COCO
+    drops missing or unreadable images up front with on_error='skip'); wds: the shards (no split)."""
     if spec.kind == "wds":
         return ShardSource(spec.location, image_size)
     if spec.kind == "shapes":
-        return IndexedSource("shapes", shapes_size, _Shapes(shapes_size, seed, image_size))
-    coco = _Coco(spec.location, image_size, on_error)
-    return IndexedSource(f"coco:{spec.location}", len(coco.data), coco)
+        images = 1000 if images is None else images
+        return IndexedSource(f"shapes:{split}:{seed}:{images}", 2 * images, _Shapes(split, images, seed, image_size))
+    coco = _Coco(spec.location, split, images, image_size, on_error)
+    return IndexedSource(f"coco:{spec.location}:{split}:{images}", len(coco.items), coco)

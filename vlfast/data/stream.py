@@ -37,10 +37,11 @@ CHOICE_BLOCK = 4096
 
 
 def collate_samples(samples: Sequence[Sample]) -> dict:
-    """pixel_values (or features, from a feature cache) stacked; captions and keys as lists."""
+    """pixel_values (or features, from a feature cache) stacked; the other fields as lists."""
     images = torch.stack([s.image for s in samples])
-    return {"pixel_values" if images.dim() == 4 else "features": images,
-            "captions": [s.caption for s in samples], "keys": [s.key for s in samples]}
+    return {"pixel_values" if images.dim() == 4 else "features": images, "captions": [s.caption for s in samples],
+            "keys": [s.key for s in samples], "prompts": [s.prompt for s in samples],
+            "references": [s.references for s in samples]}
 
 
 def _keep(item):
@@ -159,6 +160,8 @@ class StreamLoader:
         return total
 
     def __iter__(self) -> Iterator[object]:
+        if self.stream.rank_samples is not None and self.batches == len(self):
+            self._next_epoch()  # its last batch was consumed but the iteration not run to its end
         workers = max(1, self.num_workers)
         self.stream.plan = {"epoch": self.epoch, "batches": self.batches, "rotation": self.next_worker,
                             "workers": self.workers}
@@ -169,6 +172,9 @@ class StreamLoader:
             self.batches += 1
             self.next_worker = (meta["worker"] + 1) % workers
             yield batch
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
         self.epoch, self.batches, self.next_worker = self.epoch + 1, 0, 0
         if self.stream.samples_per_epoch is None:  # the next epoch is the next pass, from its start
             self.workers = {worker: self.stream.initial_state(self.epoch) | {"skipped": state["skipped"]}

@@ -148,8 +148,9 @@ def train(config: PFormerTrainConfig) -> list[dict]:
     with StopSignals() as signals:
         history = Run(
             "P-Former", out, [Stage("train", config.epochs)],
-            lambda epoch: epoch_steps(len(train_captions), config.batch_size, 1, 1,
-                                      seed_for(config.seed, "pformer", epoch)),
+            len(epoch_steps(len(train_captions), config.batch_size, 1, 1)),
+            lambda epoch, first: iter(epoch_steps(len(train_captions), config.batch_size, 1, 1,
+                                                  seed_for(config.seed, "pformer", epoch))[first:]),
             pformer.state_dict(), start, step, scores, Processes(0, 1, torch.device("cpu")), signals,
             config.checkpoint_every, config.eval_every, config.max_steps, tensorboard=out / "tensorboard",
         ).train()["history"]

@@ -10,11 +10,13 @@ import math
 import signal
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
@@ -70,13 +72,33 @@ def epoch_at(step: int, steps_per_epoch: int) -> int | float:
     return whole if rest == 0 else round(step / steps_per_epoch, 3)
 
 
+class Stateful(Protocol):
+    """A data stream whose position a checkpoint keeps (vlfast.data.stream.StreamLoader)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _gathered(processes: Processes, value: object) -> list:
+    """Every process's `value`, in rank order, in every process."""
+    if processes.world == 1:
+        return [value]
+    values = [None] * processes.world
+    dist.all_gather_object(values, value)
+    return values
+
+
 @dataclass
 class Run:
     """A run's schedule and bookkeeping; what a step and a validation compute is the caller's."""
     name: str
     directory: Path  # checkpoints go to directory/checkpoints
     stages: Sequence[Stage]
-    order: Callable[[int], list[Batches]]  # epoch -> its optimizer steps, the same in every process and resume
+    steps_per_epoch: int
+    # (epoch, first step) -> that epoch's optimizer steps from `first` on, as each process reads them;
+    # a resumed run gets the rest of the epoch it stopped in (from a seeded order, or from `data`).
+    order: Callable[[int, int], Iterator]
     weights: dict[str, Tensor]  # what a checkpoint holds and a resume restores: the trained parameters
     # A stage's (optimizer, lr scheduler) over that many steps; it also sets what trains.
     start: Callable[[Stage, int], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]
@@ -93,13 +115,14 @@ class Run:
     tensorboard: Path | None = None  # train/<term>, train/lr and val/<score> are logged here
     # Weights sharded over the processes (FSDP): every process validates, since gathering them takes all.
     sharded: bool = False
+    data: Stateful | None = None  # this process's data stream: each process's position is checkpointed
 
     def train(self) -> dict:
         """Trains from the start or from the last checkpoint. Returns the history of validations
         (epoch, step, stage, training seconds up to it (wall_s, validation excluded), scores), the
         training seconds and the number of steps."""
         processes = self.processes
-        steps_per_epoch = len(self.order(0))
+        steps_per_epoch = self.steps_per_epoch
         ends = stage_ends([stage.epochs for stage in self.stages], steps_per_epoch, self.max_steps)
         epochs = math.ceil(ends[-1] / steps_per_epoch)
         progress = {"step": 0, "history": [], "wall_s": 0.0}  # a checkpoint adds the RNG and its stage's optimizer
@@ -112,6 +135,9 @@ class Run:
                     fsdp.load_full(tensor, weights[name])
             checkpoint.set_rng_state(progress.pop("rng"))
             resumed = {k: progress.pop(k) for k in ("stage", "optimizer", "scheduler")}
+            positions = progress.pop("data", None)
+            if self.data is not None:
+                self.data.load_state_dict(positions[processes.rank])
         writer = self._writer(progress["step"] if saved else None)
         stage_index = optimizer = scheduler = order = order_epoch = label = None
 
@@ -122,9 +148,10 @@ class Run:
             current = resumed if optimizer is None else {
                 "stage": stage_index, "optimizer": fsdp.full_optimizer_state(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict()}
+            positions = _gathered(processes, self.data.state_dict()) if self.data is not None else None
             if processes.main:
                 checkpoint.save(self.directory / CHECKPOINTS, weights, {**progress, "rng": checkpoint.rng_state(),
-                                                                         **current})
+                                                                         **current, "data": positions})
             processes.barrier()
 
         start = time.perf_counter()
@@ -151,12 +178,12 @@ class Run:
                         fsdp.shard_optimizer_state(optimizer)
                         scheduler.load_state_dict(resumed["scheduler"])
                 if epoch != order_epoch:
-                    order, order_epoch = self.order(epoch), epoch
+                    order, order_epoch = self.order(epoch, index), epoch
                 description = f"{self.name} {stage.name} epoch {epoch + 1}/{epochs}"
                 if description != label:
                     label = description
                     bar.set_description(label)
-                terms = self.step(stage, order[index])
+                terms = self.step(stage, next(order))
                 if self.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                    self.max_grad_norm)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
                                machine=("device", "grad_checkpointing", "fsdp"))  # none changes the numbers
         out = Path(config.output_dir)
         processes = distributed.start(config.device)
-        parts = experiment.prepare(config)
+        parts = experiment.prepare(config, processes.world)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"vlfast.transfer: error: {error}")
     try:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from vlfast.data.sources import ON_ERROR, parse_data
 from vlfast.defaults import DEFAULT
 from vlfast.evaluate.tasks import TASKS
 from vlfast.models.vlm import LLM_DTYPES
@@ -37,12 +38,21 @@ class TransferConfig:
     target_llm: str = DEFAULT
     llm_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen LLMs' weights (the VPG trains in fp32)
     vision: str = DEFAULT  # a Hugging Face vision-model directory, or 'default'
-    data: str = "shapes"  # 'shapes' (made here) or 'coco:DIR' (DIR/annotations/captions_{train,val}2017.json)
+    # shapes (made here), coco:DIR (DIR/annotations/captions_{train,val}2017.json), wds:PATTERN (webdataset tar
+    # shards: an image and a txt or json caption each), or a mixture with ratios: 'wds:a/{0..9}.tar=0.7,shapes=0.3'
+    data: str = "shapes"
+    val_data: str | None = None  # shapes, coco:DIR or wds:PATTERN; None: the val split of --data's shapes or coco
     connector: str = "input"  # input (BLIP-2 soft prompts) | memory (MemVP)
     mma: bool = False  # LaVIN's mixture-of-modality adapters in the LLM (trained in every run)
     # Data and budget.
-    train_images: int = 1000
-    val_images: int = 200
+    train_images: int = 1000  # of shapes and coco (all of a wds: source's shards are read)
+    val_images: int = 200  # of shapes and coco
+    samples_per_epoch: int | None = None  # examples an epoch; None: one pass over shapes' or coco's (needed otherwise)
+    workers: int = 0  # DataLoader worker processes reading and decoding images, per process
+    on_error: str = "skip"  # skip (and count, in the run's log) or raise on an unusable sample
+    # The frozen tower's features: computed once into shards in this directory ('default': the vlfast cache),
+    # or 'none': computed on the fly by the tower at every step (bf16 on a GPU).
+    feature_cache: str = "default"
     epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
     max_steps: int | None = None  # their budget in optimizer steps instead (split between stages as their epochs)
     source_epochs: int = 10  # the source VPG's training, when it is trained here (not part of the transfer's cost)
@@ -80,6 +90,15 @@ class TransferConfig:
     checkpoint_every: int = 20  # optimizer steps between checkpoints (also at every epoch end and on SIGINT/SIGTERM)
 
     def __post_init__(self) -> None:
+        specs = parse_data(self.data)  # its errors name --data
+        if self.val_data is not None:
+            try:
+                val = parse_data(self.val_data)
+            except ValueError as error:  # parse_data names --data
+                raise ValueError(str(error).replace("--data", "--val-data", 1)) from None
+            if len(val) != 1:
+                raise ValueError(f"--val-data {self.val_data!r}: one source, not a mixture")
+        finite = len(specs) == 1 and specs[0].kind != "wds"  # shapes or coco alone: an epoch is a pass over it
         checks = {
             "connector": (self.connector in ("input", "memory"), "input or memory"),
             "llm_dtype": (self.llm_dtype in LLM_DTYPES, " | ".join(LLM_DTYPES)),
@@ -91,7 +110,13 @@ class TransferConfig:
             "eval_limit": (self.eval_limit is None or self.eval_limit > 0, "a positive number"),
             "eval_every": (self.eval_every is None or self.eval_every > 0, "a positive number"),
             "max_steps": (self.max_steps is None or self.max_steps >= 2, "at least 2 (the transfer has two stages)"),
-            "data": (self.data == "shapes" or self.data.startswith("coco:"), "'shapes' or 'coco:DIR'"),
+            "samples_per_epoch": (self.samples_per_epoch > 0 if self.samples_per_epoch is not None else finite,
+                                  "a positive number, given with wds: data or a mixture (an epoch's length is "
+                                  "needed in advance)"),
+            "val_data": (self.val_data is not None or any(s.kind != "wds" for s in specs),
+                         "given when --data has no shapes or coco source"),
+            "on_error": (self.on_error in ON_ERROR, " or ".join(ON_ERROR)),
+            "workers": (self.workers >= 0, "0 or more"),
             "device": (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
             "epochs": (self.epochs >= 2, "at least 2 (stage 1 is one epoch)"),
             "grad_checkpointing": (not self.grad_checkpointing or (self.connector == "input" and not self.mma),

@@ -9,6 +9,7 @@ tokenizer does to plain English captions.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -20,7 +21,7 @@ from vlfast.evaluate.common import Benchmark
 from vlfast.evaluate.run import Generation, check_prompt, evaluate_model, generation_details, write_results
 from vlfast.evaluate.tasks import Task, get_task, load_benchmark, numeric_scores
 from vlfast.models import VisionLanguageModel
-from vlfast.transfer.data import Example, Split
+from vlfast.transfer.data import model_images
 
 MAX_CAPTION_TOKENS = 32
 MAX_ANSWER_TOKENS = 3
@@ -42,64 +43,63 @@ def cider(references: list[list[str]], candidates: list[str]) -> float:
     return float(score)
 
 
-def batches(examples: list[Example], batch_size: int):
-    for start in range(0, len(examples), batch_size):
-        yield examples[start:start + batch_size]
-
-
 @torch.no_grad()
-def lm_loss(model: VisionLanguageModel, split: Split, collate: CaptionCollator, batch_size: int,
-            device: torch.device) -> float:
-    """Mean LM loss per labelled token over the split's examples."""
-    total = tokens = 0.0
-    for part in batches(split.examples, batch_size):
-        batch = collate.tokenize([e.target for e in part], [e.prompt for e in part])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        rows = torch.tensor([e.image for e in part])
-        total += model(batch["input_ids"], batch["attention_mask"], batch["labels"], num_items_in_batch=1,
-                       image_features=split.features[rows].to(device)).item()
-        tokens += model.labelled_tokens(batch["labels"])
-    return total / tokens
-
-
-@torch.no_grad()
-def generate(model: VisionLanguageModel, split: Split, prompts: list[Example], collate: CaptionCollator,
-             max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:
-    """Greedy continuations of each example's prompt given its image. Prompts of one length go
-    together, so no batch needs padding."""
+def generate(model: VisionLanguageModel, images: dict[str, torch.Tensor], prompts: list[str],
+             collate: CaptionCollator, max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy continuations of each prompt given its image (row of `images`). Prompts of one length
+    go together, so no batch needs padding."""
     tokenizer = collate.tokenizer
-    encoded = [torch.tensor(collate.prefix_ids(e.prompt)) for e in prompts]
+    encoded = [torch.tensor(collate.prefix_ids(prompt)) for prompt in prompts]
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for _, same_length in groupby(order, key=lambda i: len(encoded[i])):
-        indices = list(same_length)
-        for start in range(0, len(indices), batch_size):
-            part = indices[start:start + batch_size]
-            input_ids = torch.stack([encoded[i] for i in part]).to(device)
-            rows = torch.tensor([prompts[i].image for i in part])
-            new = model.generate(input_ids, image_features=split.features[rows].to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for i, ids in zip(part, new.tolist(), strict=True):
-                texts[i] = collate.decode(ids)
+        part = list(same_length)
+        new = model.generate(torch.stack([encoded[i] for i in part]).to(device),
+                             **{name: value[part] for name, value in images.items()},
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for i, ids in zip(part, new.tolist(), strict=True):
+            texts[i] = collate.decode(ids)
     return texts
 
 
-def evaluate(model: VisionLanguageModel, split: Split, collate: CaptionCollator, batch_size: int,
+@torch.no_grad()
+def evaluate(model: VisionLanguageModel, batches: Iterable[dict], collate: CaptionCollator,
              device: torch.device) -> dict[str, float | None]:
-    """val_loss, cider (greedy captions) and qa_accuracy (the answer's first word, exact match;
-    None without questions)."""
+    """val_loss (mean LM loss per labelled token over the examples), cider (a greedy caption of each
+    image against its references: those its examples carry, else every caption of it seen) and
+    qa_accuracy (the answer's first word, exact match; None without questions), in one pass."""
     model.eval()
-    images = [Example(i, "", "") for i in range(len(split.references))]
-    captions = generate(model, split, images, collate, MAX_CAPTION_TOKENS, batch_size, device)
-    scores = {"val_loss": lm_loss(model, split, collate, batch_size, device),
-              "cider": cider(split.references, captions), "qa_accuracy": None}
-    questions = split.questions
-    if questions:
-        answers = generate(model, split, questions, collate, MAX_ANSWER_TOKENS, batch_size, device)
-        hits = [(a.split() or [""])[0] == q.target for a, q in zip(answers, questions, strict=True)]
-        scores["qa_accuracy"] = sum(hits) / len(hits)
-    return scores
+    total = tokens = 0.0
+    references: dict[str, list[str]] = {}
+    candidates: dict[str, str] = {}
+    hits: list[bool] = []
+    for batch in batches:
+        pictures = model_images(batch, device)
+        tokenized = {k: v.to(device) for k, v in collate.tokenize(batch["captions"], batch["prompts"]).items()}
+        total += model(tokenized["input_ids"], tokenized["attention_mask"], tokenized["labels"], num_items_in_batch=1,
+                       **pictures).item()
+        tokens += model.labelled_tokens(tokenized["labels"])
+        rows = zip(batch["keys"], batch["prompts"], batch["captions"], batch["references"], strict=True)
+        first = {}  # the first caption example of each image not captioned yet
+        for i, (key, prompt, caption, given) in enumerate(rows):
+            if not prompt:
+                references[key] = list(given) or [*references.get(key, []), caption]
+                if key not in candidates and key not in first:
+                    first[key] = i
+        if first:
+            chosen = list(first.values())
+            texts = generate(model, {n: v[chosen] for n, v in pictures.items()}, [""] * len(chosen), collate,
+                             MAX_CAPTION_TOKENS, device)
+            candidates |= dict(zip(first, texts, strict=True))
+        questions = [i for i, prompt in enumerate(batch["prompts"]) if prompt]
+        if questions:
+            answers = generate(model, {n: v[questions] for n, v in pictures.items()},
+                               [batch["prompts"][i] for i in questions], collate, MAX_ANSWER_TOKENS, device)
+            hits += [(a.split() or [""])[0] == batch["captions"][i] for a, i in zip(answers, questions, strict=True)]
+    keys = list(candidates)
+    return {"val_loss": total / tokens, "cider": cider([references[k] for k in keys], [candidates[k] for k in keys]),
+            "qa_accuracy": sum(hits) / len(hits) if hits else None}
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,11 @@ from vlfast.transfer.converter import (
     token_pairs,
     train_word_converter,
 )
-from vlfast.transfer.data import Split, load_splits
+from vlfast.transfer.data import TransferData
 from vlfast.transfer.evaluate import BenchmarkEval
 
 SOURCE, TRANSFER, SCRATCH = "source", "transfer", "scratch"
+WORD_PAIR_TEXTS = 100_000
 
 
 @dataclass
@@ -76,13 +77,15 @@ def _llm_width(llm: nn.Module) -> int:
     return llm.get_input_embeddings().embedding_dim
 
 
-def prepare(config: TransferConfig) -> Parts:
-    """Loads (or builds) every part and checks that they fit together."""
-    if config.data != "shapes":
-        _directory("data", config.data, config.data.removeprefix("coco:"))
-        if DEFAULT in (config.source_llm, config.target_llm):
-            raise ValueError(f"--data {config.data}: the default LLMs only know the shapes vocabulary; pass "
-                             f"--source-llm and --target-llm directories of LLMs with an English tokenizer")
+def prepare(config: TransferConfig, world: int = 1) -> Parts:
+    """Loads (or builds) every part and checks that they fit together (`world`: the processes)."""
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size}: not a multiple of the {world} processes (each streams "
+                         f"an equal share of every batch)")
+    if any(option.startswith("coco:") for option in (config.data, config.val_data or "")) and DEFAULT in (
+            config.source_llm, config.target_llm):  # (wds shards of shapes scenes are fine: write-shapes)
+        raise ValueError(f"--data {config.data}: the default LLMs only know the shapes vocabulary; pass "
+                         f"--source-llm and --target-llm directories of LLMs with an English tokenizer")
     if config.vision == DEFAULT:
         tower = defaults.default_vision_tower()
     else:
@@ -164,10 +167,17 @@ def _projector_and_patches(model: VisionLanguageModel) -> list[nn.Parameter]:
     return [*model.vpg.projector.parameters(), *_patch_parameters(model)]
 
 
-def _word_pairs(parts: Parts, train: Split) -> torch.Tensor:
+def _word_pairs(parts: Parts, data: TransferData, seed: int) -> torch.Tensor:
+    """The converter's token pairs: the shared vocabulary, or the tokens of an epoch's texts (at most
+    WORD_PAIR_TEXTS of them)."""
     if parts.source_tokenizer.get_vocab() == parts.target_tokenizer.get_vocab():
         return shared_vocabulary_pairs(len(parts.source_tokenizer))
-    return token_pairs(parts.source_tokenizer, parts.target_tokenizer, [e.target for e in train.examples])
+    texts = []
+    for batch in data.train_loader(seed):
+        texts += batch["captions"]
+        if len(texts) >= WORD_PAIR_TEXTS:
+            break
+    return token_pairs(parts.source_tokenizer, parts.target_tokenizer, texts)
 
 
 def run(config: TransferConfig, parts: Parts, processes: Processes, signals: StopSignals) -> dict:
@@ -175,11 +185,10 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
     their report."""
     out = Path(config.output_dir)
     begin = time.perf_counter()
-    train, val = load_splits(config.data, config.train_images, config.val_images, config.seed, parts.tower,
-                             defaults.cache_home() / "features")
+    data = TransferData.load(config, parts.tower, processes)
 
     def context(tokenizer, llm: nn.Module) -> loop.Context:
-        return loop.Context(config, processes, train, val, CaptionCollator.for_llm(tokenizer, llm), out, signals,
+        return loop.Context(config, processes, data, CaptionCollator.for_llm(tokenizer, llm), out, signals,
                             parts.benchmark)
 
     def aligned(weight: float) -> tuple[Alignment, ...]:
@@ -201,7 +210,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
     # 2. Transfer: converter, merged projector, stage 1 (projector, lr x5, 1 epoch), stage 2 (all, cosine).
     torch.manual_seed(seed_for(config.seed, TRANSFER))
     embeddings = (parts.source_llm.get_input_embeddings().weight, parts.target_llm.get_input_embeddings().weight)
-    pairs = _word_pairs(parts, train)
+    pairs = _word_pairs(parts, data, seed_for(config.seed, TRANSFER))
     converter = train_word_converter(*embeddings, pairs, epochs=config.converter_epochs, seed=config.seed)
     converter_report = {"token_pairs": len(pairs), "cosine_loss": cosine_loss(converter, *embeddings, pairs)}
     vpg = VPG(dataclasses.replace(source_vpg.config, llm_hidden_size=_llm_width(parts.target_llm)))

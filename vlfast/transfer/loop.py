@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from vlfast import training
 from vlfast.data.collate import CaptionCollator
 from vlfast.models import VPG, VisionLanguageModel
-from vlfast.training import StopSignals, epoch_steps, fsdp, seed_for
+from vlfast.training import StopSignals, fsdp, seed_for
 from vlfast.training.distributed import Processes
 from vlfast.transfer.config import TransferConfig
-from vlfast.transfer.data import Split
+from vlfast.transfer.data import TransferData, model_images, optimizer_steps, steps_per_epoch
 from vlfast.transfer.evaluate import BenchmarkEval, evaluate
 
 RESULT = "result.json"
@@ -51,8 +52,7 @@ class Stage(training.Stage):
 class Context:
     config: TransferConfig
     processes: Processes
-    train: Split
-    val: Split
+    data: TransferData
     collate: CaptionCollator
     output_dir: Path
     signals: StopSignals
@@ -96,7 +96,7 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         return optimizer, scheduler
 
     def scores(step: int, epoch: int | float) -> dict:
-        found = evaluate(model, context.val, context.collate, config.batch_size, device)
+        found = evaluate(model, context.data.val_batches(), context.collate, device)
         if context.benchmark:
             label = f"epoch-{epoch}" if isinstance(epoch, int) else f"step-{step}"
             found |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / label)
@@ -109,14 +109,18 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         return found
 
     model.train()
+    loader = context.data.train_loader(seed_for(config.seed, name))
     result = training.Run(
-        name, run_dir, stages,
-        lambda epoch: epoch_steps(len(context.train.examples), config.batch_size, config.grad_accum, processes.world,
-                                  seed_for(config.seed, name, epoch)),
+        name, run_dir, stages, steps_per_epoch(loader, config.grad_accum), optimizer_steps(loader, config.grad_accum),
         {n: p for n, p in sorted(model.named_parameters()) if id(p) in trained}, start,
         lambda stage, batches: _step(model, network, batches, context, autocast, stage.losses), scores,
         processes, context.signals, config.checkpoint_every, config.eval_every, max_steps, config.max_grad_norm,
-        context.output_dir / "tensorboard" / name, sharded).train()
+        context.output_dir / "tensorboard" / name, sharded, loader).train()
+    skipped = processes.sum([sum(loader.skipped.values())])[0]
+    if skipped:  # what the stream dropped (--on-error skip), over all processes
+        print(f"{name}: {int(skipped)} unusable samples skipped (per shard, process {processes.rank}: "
+              f"{loader.skipped})", file=sys.stderr)
+    result["skipped_samples"] = int(skipped)
     model.requires_grad_(False)
     state = fsdp.full_state(model) if sharded else None  # every process gathers; the main one gets it whole
     if processes.main:
@@ -142,32 +146,32 @@ def _start_stage(model: VisionLanguageModel, stage: Stage, steps: int, min_lr_ra
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, steps, min_lr_ratio))
 
 
-def _step(model: VisionLanguageModel, network: nn.Module, batches: list[Tensor], context: Context, autocast,
+def _step(model: VisionLanguageModel, network: nn.Module, batches: list[dict], context: Context, autocast,
           losses: Sequence[ExtraLoss]) -> dict[str, float]:
     """Forward and backward of this process's share of one optimizer step's global batches (more
-    than one with gradient accumulation). The loss is normalised by the labelled tokens of all of
-    them over all processes, so any number of processes and any split into accumulated batches give
-    the gradient of one batch (DDP and FSDP average over processes, hence the factor `world`;
-    they synchronise after the last batch only). The extra losses on the captions (examples without a
-    prompt) join it, normalised over all captions. Returns this process's parts of the step's LM
-    loss, each extra loss and their weighted total (over processes they sum to the step's)."""
+    than one with gradient accumulation; each process streams its own share). The loss is
+    normalised by the labelled tokens of all of them over all processes, so any number of
+    processes and any split into accumulated batches give the gradient of one batch (DDP and FSDP
+    average over processes, hence the factor `world`; they synchronise after the last batch only).
+    The extra losses on the captions (examples without a prompt) join it, normalised over all
+    captions. Returns this process's parts of the step's LM loss, each extra loss and their weighted
+    total (over processes they sum to the step's)."""
     processes = context.processes
-    shares = [[context.train.examples[i] for i in rows[processes.rank::processes.world].tolist()] for rows in batches]
-    tokenized = [context.collate.tokenize([e.target for e in share], [e.prompt for e in share]) for share in shares]
-    captions = [[i for i, e in enumerate(share) if not e.prompt] for share in shares]
+    tokenized = [context.collate.tokenize(batch["captions"], batch["prompts"]) for batch in batches]
+    captions = [[i for i, prompt in enumerate(batch["prompts"]) if not prompt] for batch in batches]
     tokens, caption_count = processes.sum([sum(model.labelled_tokens(t["labels"]) for t in tokenized),
                                            sum(len(c) for c in captions)])
     totals = dict.fromkeys(["lm_loss", *(f"{loss.name}_loss" for loss in losses)], 0.0)
-    for k, (share, batch, mine) in enumerate(zip(shares, tokenized, captions, strict=True)):
+    for k, (share, batch, mine) in enumerate(zip(batches, tokenized, captions, strict=True)):
         batch = {key: value.to(processes.device) for key, value in batch.items()}
-        features = context.train.features[torch.tensor([e.image for e in share])].to(processes.device)
-        last = k == len(shares) - 1
+        last = k == len(batches) - 1
         accumulating = network.no_sync if isinstance(network, DistributedDataParallel) else partial(fsdp.no_sync, model)
         with nullcontext() if last or processes.world == 1 else accumulating():
             with autocast:
                 lm, prompts = network(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      image_features=features, num_items_in_batch=tokens, return_prompts=True)
-            extra = [loss(prompts[mine], [share[i].target for i in mine], caption_count) if mine
+                                      **model_images(share, processes.device), num_items_in_batch=tokens,
+                                      return_prompts=True)
+            extra = [loss(prompts[mine], [share["captions"][i] for i in mine], caption_count) if mine
                      else torch.zeros((), device=processes.device) for loss in losses]
             total = lm
             for loss, value in zip(losses, extra, strict=True):
