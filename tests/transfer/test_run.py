@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.transfer.conftest import command, environment, run_cli
+from tests.transfer.conftest import assert_same_vpgs, command, environment, run_cli
 from vlfast.models import VPG, VisionLanguageModel
 from vlfast.patch import is_patched
 from vlfast.transfer.__main__ import main
@@ -157,11 +157,7 @@ def test_two_processes_reach_the_parameters_of_one(tiny_defaults, tmp_path):
     two = run_cli(tiny_defaults, *arguments, "--output-dir", str(tmp_path / "two"), nproc=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert json.loads((tmp_path / "two" / "report.json").read_text())["processes"] == 2
-    for run in ("source", "transfer"):
-        expected = load_file(str(tmp_path / "one" / run / "vpg" / "model.safetensors"))
-        actual = load_file(str(tmp_path / "two" / run / "vpg" / "model.safetensors"))
-        for name, tensor in expected.items():
-            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    assert_same_vpgs(tmp_path / "one", tmp_path / "two")
 
 
 def _save_llm(directory, vocab_size: int) -> str:

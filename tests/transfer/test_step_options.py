@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.transfer.conftest import run_cli
+from tests.transfer.conftest import assert_same_vpgs, run_cli
 from vlfast.training import epoch_steps
 from vlfast.transfer.__main__ import main
 
@@ -30,10 +30,7 @@ def test_accumulating_four_batches_equals_one_batch_four_times_as_large(tiny_def
     small = main([*ARGUMENTS, "--batch-size", "4", "--grad-accum", "4", "--output-dir", str(tmp_path / "small")])
     assert small["runs"]["transfer"]["history"][0]["val_loss"] == pytest.approx(
         large["runs"]["transfer"]["history"][0]["val_loss"], rel=1e-5)
-    for run in ("source", "transfer"):
-        expected, actual = weights(tmp_path / "large", run), weights(tmp_path / "small", run)
-        for name, tensor in expected.items():
-            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    assert_same_vpgs(tmp_path / "large", tmp_path / "small")
     # Without accumulation, batches of 4 take four times the steps and end elsewhere.
     main([*ARGUMENTS, "--batch-size", "4", "--output-dir", str(tmp_path / "alone")])
     steps = {name: json.loads((tmp_path / name / "transfer" / "result.json").read_text())["steps"]
@@ -60,19 +57,13 @@ def test_two_processes_accumulating_reach_one_process_with_the_whole_batch(tiny_
     two = run_cli(tiny_defaults, *ARGUMENTS, "--batch-size", "8", "--grad-accum", "2", "--output-dir",
                   str(tmp_path / "two"), nproc=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    for run in ("source", "transfer"):
-        expected, actual = weights(tmp_path / "one", run), weights(tmp_path / "two", run)
-        for name, tensor in expected.items():
-            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    assert_same_vpgs(tmp_path / "one", tmp_path / "two")
 
 
 def test_checkpointing_trains_to_the_same_weights(tiny_defaults, tmp_path):
     main([*ARGUMENTS, "--output-dir", str(tmp_path / "kept")])
     main([*ARGUMENTS, "--grad-checkpointing", "--output-dir", str(tmp_path / "recomputed")])
-    for run in ("source", "transfer"):
-        expected, actual = weights(tmp_path / "kept", run), weights(tmp_path / "recomputed", run)
-        for name, tensor in expected.items():
-            torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+    assert_same_vpgs(tmp_path / "kept", tmp_path / "recomputed")
     with pytest.raises(SystemExit, match="grad_checkpointing must be off with the memory connector or --mma"):
         main([*ARGUMENTS, "--grad-checkpointing", "--connector", "memory", "--output-dir", str(tmp_path / "bad")])
 
