@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import torch
@@ -81,3 +82,41 @@ def test_a_run_killed_mid_epoch_resumes_with_the_samples_it_had_not_seen(tiny_de
         {k: v for k, v in h.items() if k != "wall_s"} for h in expected]
     for name, tensor in load_file(str(tmp_path / "whole" / "transfer" / "vpg" / "model.safetensors")).items():
         assert torch.equal(load_file(str(out / "transfer" / "vpg" / "model.safetensors"))[name], tensor), name
+
+
+PEAK_RSS = """
+import resource, sys
+from vlfast.transfer.__main__ import main
+main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_run_over_ten_times_the_data_takes_no_more_memory(tiny_defaults, tmp_path):
+    """3000 images of 256 x 256 (560 MiB decoded, 2.2 GiB as float32 tensors), every one read by the
+    feature cache and every epoch, peak within 60 MiB of a run over 300."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    def write(directory, count: int) -> str:
+        directory.mkdir()
+        with wds.ShardWriter(f"{directory}/%03d.tar", maxcount=500, verbose=0) as sink:
+            for i in range(count):
+                image = BytesIO()
+                Image.new("RGB", (256, 256), (i % 256, 40, 90)).save(image, format="PNG")
+                sink.write({"__key__": f"{i:06d}", "png": image.getvalue(), "txt": "a small red circle"})
+        return f"{directory}/{{000..{(count - 1) // 500:03d}}}.tar"
+
+    peaks = {}
+    for count in (300, 3000):
+        pattern = write(tmp_path / f"data{count}", count)
+        arguments = [*STREAMED, "--data", f"wds:{pattern}", "--samples-per-epoch", str(count), "--batch-size", "64",
+                     "--feature-cache", str(tmp_path / f"cache{count}"), "--output-dir", str(tmp_path / f"run{count}")]
+        done = subprocess.run([sys.executable, "-c", PEAK_RSS, *arguments], env=environment(tiny_defaults),
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        peaks[count] = int(done.stdout.split()[-1])
+    assert 3000 * 256 * 256 * 3 / 2**20 > 560
+    print(f"peak RSS, MiB: {peaks}")
+    assert peaks[3000] - peaks[300] < 60, peaks
