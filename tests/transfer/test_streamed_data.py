@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import vlfast.transfer.data
 from tests.transfer.conftest import command, environment, run_cli
-from vlfast.data.stream import write_shapes_shards
+from vlfast.data.shapes import write_shards
 from vlfast.transfer.__main__ import main
 
 STREAMED = ("--preset", "smoke", "--no-baseline", "--samples-per-epoch", "64", "--val-data", "shapes")
@@ -22,7 +22,7 @@ STREAMED = ("--preset", "smoke", "--no-baseline", "--samples-per-epoch", "64", "
 
 def shards(tmp_path, broken: bool = False) -> str:
     """64 scenes in 4 shards; with `broken` a fifth shard of an undecodable image and a sample without one."""
-    pattern = write_shapes_shards(str(tmp_path / "shards"), 64, 16, image_size=32)
+    pattern = write_shards(str(tmp_path / "shards"), 64, 16, image_size=32)
     if not broken:
         return pattern
     with wds.TarWriter(str(tmp_path / "shards" / "00004.tar")) as sink:

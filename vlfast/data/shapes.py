@@ -131,6 +131,25 @@ def render(directory: str, count: int, split: str = "test", seed: int = 0) -> li
     return written
 
 
+def write_shards(directory: str, count: int, per_shard: int, image_size: int = 256) -> str:
+    """`count` shapes scenes as JPEG + txt webdataset shards (img2dataset's layout), for trying the
+    stream without a download; returns their brace pattern."""
+    from pathlib import Path
+
+    import webdataset as wds
+    from PIL import Image
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    scenes = ShapesDataset("train", count)
+    with wds.ShardWriter(f"{directory}/%05d.tar", maxcount=per_shard, verbose=0) as sink:
+        for i in range(count):
+            scene = scenes[i]
+            image = Image.fromarray(scene.image.permute(1, 2, 0).numpy()).resize((image_size, image_size))
+            sink.write({"__key__": f"{i // per_shard:05d}{i % per_shard:04d}", "jpg": image,
+                        "txt": scene.captions[0]})
+    return f"{directory}/{{00000..{(count - 1) // per_shard:05d}}}.tar"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -149,7 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     export_parser.add_argument("--split", choices=tuple(SPLITS), default="test")
     export_parser.add_argument("--seed", type=int, default=0)
     export_parser.add_argument("--tasks", nargs="+", help="default: all six")
+    shards_parser = commands.add_parser("shards", help="training scenes as webdataset shards (JPEG + txt), for "
+                                                       "trying --data wds:... without a download")
+    shards_parser.add_argument("directory")
+    shards_parser.add_argument("--count", type=int, default=2048)
+    shards_parser.add_argument("--per-shard", type=int, default=256)
+    shards_parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.command == "shards":
+        print(write_shards(args.directory, args.count, args.per_shard, args.image_size))
+        return
     if args.command == "export":
         from vlfast.data.shapes_benchmarks import WRITERS, export
 

@@ -218,37 +218,11 @@ def bench(pattern: str, workers: Sequence[int], *, image_size: int = 224, batch_
     return rates
 
 
-def write_shapes_shards(directory: str, count: int, per_shard: int, image_size: int = 256) -> str:
-    """`count` shapes scenes as JPEG + txt webdataset shards (img2dataset's layout), for trying the
-    stream without a download; returns their brace pattern."""
-    from pathlib import Path
-
-    import webdataset as wds
-    from PIL import Image
-
-    from vlfast.data.shapes import ShapesDataset
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    scenes = ShapesDataset("train", count)
-    with wds.ShardWriter(f"{directory}/%05d.tar", maxcount=per_shard, verbose=0) as sink:
-        for i in range(count):
-            scene = scenes[i]
-            image = Image.fromarray(scene.image.permute(1, 2, 0).numpy()).resize((image_size, image_size))
-            sink.write({"__key__": f"{i // per_shard:05d}{i % per_shard:04d}", "jpg": image,
-                        "txt": scene.captions[0]})
-    return f"{directory}/{{00000..{(count - 1) // per_shard:05d}}}.tar"
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m vlfast.data.stream", description="streamed data: tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    write = commands.add_parser("write-shapes", help="shapes scenes as webdataset shards (JPEG + txt)")
-    write.add_argument("directory")
-    write.add_argument("--count", type=int, default=2048)
-    write.add_argument("--per-shard", type=int, default=256)
-    write.add_argument("--image-size", type=int, default=256)
     measure = commands.add_parser("bench", help="images per second of the loader alone")
     measure.add_argument("pattern", help="shards, e.g. 'DIR/{00000..00007}.tar'")
     measure.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -256,9 +230,6 @@ def main(argv: list[str] | None = None) -> None:
     measure.add_argument("--batch-size", type=int, default=32)
     measure.add_argument("--samples", type=int, default=2048)
     args = parser.parse_args(argv)
-    if args.command == "write-shapes":
-        print(write_shapes_shards(args.directory, args.count, args.per_shard, args.image_size))
-        return
     rates = bench(args.pattern, args.workers, image_size=args.image_size, batch_size=args.batch_size,
                   samples=args.samples)
     for count, rate in rates.items():

@@ -83,7 +83,7 @@ def prepare(config: TransferConfig, world: int = 1) -> Parts:
         raise ValueError(f"--batch-size {config.batch_size}: not a multiple of the {world} processes (each streams "
                          f"an equal share of every batch)")
     if any(option.startswith("coco:") for option in (config.data, config.val_data or "")) and DEFAULT in (
-            config.source_llm, config.target_llm):  # (wds shards of shapes scenes are fine: write-shapes)
+            config.source_llm, config.target_llm):  # (wds shards of shapes scenes are fine: data.shapes shards)
         raise ValueError(f"--data {config.data}: the default LLMs only know the shapes vocabulary; pass "
                          f"--source-llm and --target-llm directories of LLMs with an English tokenizer")
     if config.vision == DEFAULT:
