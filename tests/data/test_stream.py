@@ -233,5 +233,4 @@ def test_memory_stays_flat_when_the_data_grows_tenfold(tmp_path):
                              capture_output=True, text=True, check=True).stdout.split()
         assert int(out[0]) == count
         peaks[count] = int(out[1])
-    assert 3000 * 3 * 128 * 128 * 4 / 2**20 > 560
     assert peaks[3000] - peaks[300] < 40, peaks
