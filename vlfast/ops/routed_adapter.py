@@ -20,9 +20,11 @@ from vlfast.ops.glue import kernel, register_backward
 
 MAX_RANK = 64
 # `auto`'s order per device type, fastest first: on CPU by benchmarks/test_routed_adapter.py; on an
-# H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: 16384 tokens,
-# D=4096, bf16 forward + backward triton 2.05 ms, eager 3.10 ms, cuda 6.83 ms).
-PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton",)}
+# H200 by `python -m vlfast.gpucheck` at 16384 tokens, D=4096, bf16 forward + backward: triton 2.05 ms,
+# eager 3.10 ms, cuda 6.83 ms in the first run (benchmarks/results/gpu/h200-2026-11-30); triton 5.27 ms,
+# eager 3.10 ms in the rerun with 64-bit offsets (h200-2026-11-30-rerun). Training takes the backward:
+# plain PyTorch until the kernels are measured faster again.
+PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
 SUPPORT = {
     "triton": Support(limits={"D": MAX_WIDTH, "rank": MAX_RANK}, note="fp32 as 3-pass tf32"),
     "cuda": Support(HALF_DTYPES, {"rank": MAX_RANK, "experts": 16}, note="tensor cores (sm_80+)",
