@@ -124,7 +124,10 @@ def test_transfer_scores_a_benchmark_every_epoch(tiny_defaults, benchmarks, tmp_
         history = report["runs"][run]["history"]
         assert all(isinstance(h["gqa/accuracy_exact"], float) and isinstance(h["gqa/accuracy"], float)
                    for h in history)
-        saved = json.loads((out / run / "eval" / f"epoch-{len(history)}" / "scores.json").read_text())
+        # The metric's benchmark is scored at every validation, between epoch ends too.
+        assert [h["epoch"] for h in history] == [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2]
+        assert (out / run / "eval" / "step-2" / "scores.json").is_file()
+        saved = json.loads((out / run / "eval" / "epoch-2" / "scores.json").read_text())
         assert saved["scores"]["accuracy_exact"] == history[-1]["gqa/accuracy_exact"]
         assert saved["scores"]["questions"] == 20
     assert "gqa/accuracy_exact" in (out / "report.md").read_text()

@@ -28,8 +28,25 @@ def test_speedup_is_scratch_best_epoch_over_transfer_epoch_to_reach_it():
     assert report["runs"]["transfer"]["seconds_per_step"] == pytest.approx(20 / 16)
     assert report["unit"] == "epoch" and report["runs"]["transfer"]["steps_to_target"] == 12
     lines = table(report).splitlines()
-    assert lines[1].startswith("epoch ") and lines[2].startswith("    1 ")
-    assert "reaches it at epoch 3 (15 s; stage 1 is an epoch): speed-up 1.33x in epochs" in table(report)
+    assert lines[1].startswith(" step  epoch ") and lines[2].startswith("    4      1 ")
+    assert "reaches it at step 12, epoch 3 (15 s): speed-up 1.33x in epochs" in table(report)
+    assert report["speedup_epochs"] == pytest.approx(4 / 3) and "epoch ends only (VPGTrans's count; " in table(report)
+
+
+def test_validations_between_epoch_ends_refine_the_speedup_and_the_epoch_count_stays_the_papers():
+    # Validated every half epoch: scratch's best (0.65) is first reached at epoch 3; the transfer run
+    # reaches it half-way through epoch 2 (step 6), but at an epoch end only at epoch 3.
+    results = {"scratch": history([0.9, 0.8, 0.75, 0.7, 0.66, 0.65], every=2),
+               "transfer": history([0.8, 0.7, 0.66, 0.64, 0.6, 0.59], seconds=5, every=2)}
+    report = build(results, "val_loss", 1, {})
+    assert report["runs"]["transfer"]["epochs_to_target"] == pytest.approx(2.0) and report["speedup"] == 12 / 8
+    results["transfer"] = history([0.8, 0.66, 0.64, 0.6, 0.6, 0.59], seconds=5, every=2)
+    report = build(results, "val_loss", 1, {})
+    assert report["speedup"] == pytest.approx(12 / 6) and report["runs"]["transfer"]["epochs_to_target"] == 1.5
+    assert report["speedup_epochs"] == pytest.approx(3 / 2)
+    text = table(report)
+    assert "    6   1.50 " in text and "speed-up 2.00x in epochs" in text
+    assert "count; stage 1 is an epoch): 1.50x" in text
 
 
 def test_a_step_based_report_counts_in_steps_with_the_epochs_alongside():

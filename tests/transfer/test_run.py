@@ -17,6 +17,7 @@ from tests.transfer.conftest import assert_same_vpgs, command, environment, run_
 from vlfast.models import VPG, VisionLanguageModel
 from vlfast.patch import is_patched
 from vlfast.transfer.__main__ import main
+from vlfast.transfer.report import epoch_ends
 
 SCORES = ("val_loss", "cider", "qa_accuracy")
 
@@ -35,10 +36,14 @@ def test_smoke_run_writes_everything(tiny_defaults, tmp_path, capsys):
     for name in ("transfer", "scratch"):
         run = saved["runs"][name]
         assert {"best", "epochs_to_target", "wall_s", "history"} <= set(run)
-        assert [h["epoch"] for h in run["history"]] == [1, 2]
-        assert all(isinstance(h[k], float) for h in run["history"] for k in SCORES)
+        # Validated every quarter epoch (2 of its 8 steps): all scores at epoch ends, the metric in between.
+        assert [h["epoch"] for h in run["history"]] == [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2]
+        assert all(isinstance(h[k], float) for h in epoch_ends(run["history"]) for k in SCORES)
+        between = [h for h in run["history"] if not isinstance(h["epoch"], int)]
+        assert all(h["cider"] is None and h["qa_accuracy"] is None for h in between)
         assert VPG.from_pretrained(out / name / "vpg").config.llm_hidden_size == 48
-    assert [h["stage"] for h in saved["runs"]["transfer"]["history"]] == ["stage 1", "stage 2"]
+    assert [h["stage"] for h in saved["runs"]["transfer"]["history"]] == ["stage 1"] * 4 + ["stage 2"] * 4
+    assert [h["epoch"] for h in saved["runs"]["source"]["history"]] == [1]  # not compared: epoch ends only
     assert (out / "report.md").read_text().startswith("# VPGTrans")
     assert (out / "curves.png").stat().st_size > 10_000
     assert yaml.safe_load((out / "config.yaml").read_text())["train_images"] == 64
@@ -51,7 +56,7 @@ def test_tensorboard_can_read_the_metrics(tiny_defaults, tmp_path):
     main(["--preset", "smoke", "--no-baseline", "--output-dir", str(tmp_path / "run")])
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "transfer")).Reload()
     assert {"train/loss", "train/lr", "val/val_loss", "val/cider", "val/qa_accuracy"} <= set(events.Tags()["scalars"])
-    assert len(events.Scalars("val/val_loss")) == 2
+    assert len(events.Scalars("val/val_loss")) == 8 and len(events.Scalars("val/cider")) == 2
     assert len(events.Scalars("train/loss")) == 16  # 2 epochs of (64 captions + 64 questions) / batches of 16
 
 
@@ -176,7 +181,7 @@ def test_a_target_llm_from_a_directory(tiny_defaults, tmp_path):
     llm = _save_llm(tmp_path / "llm", vocab_size=64)
     report = main(["--preset", "smoke", "--no-baseline", "--target-llm", llm, "--output-dir", str(tmp_path / "run")])
     assert VPG.from_pretrained(tmp_path / "run" / "transfer" / "vpg").config.llm_hidden_size == 40
-    assert len(report["runs"]["transfer"]["history"]) == 2
+    assert len(epoch_ends(report["runs"]["transfer"]["history"])) == 2
 
 
 def test_a_tokenizer_larger_than_its_llm(tiny_defaults, tmp_path):
@@ -204,7 +209,7 @@ def test_coco_data_from_a_local_folder(tiny_defaults, tmp_path):
     source, target = _save_llm(tmp_path / "source", 64), _save_llm(tmp_path / "target", 64)
     report = main(["--preset", "smoke", "--data", f"coco:{tmp_path / 'coco'}", "--source-llm", source,
                    "--target-llm", target, "--batch-size", "4", "--output-dir", str(tmp_path / "run")])
-    history = report["runs"]["transfer"]["history"]
+    history = epoch_ends(report["runs"]["transfer"]["history"])
     assert len(history) == 2 and history[0]["qa_accuracy"] is None and history[0]["cider"] >= 0
 
 
@@ -240,7 +245,7 @@ def test_a_decoder_only_source_transferred_to_an_encoder_decoder_target(tiny_def
                    "--output-dir", str(tmp_path / "run")])
     for run in ("transfer", "scratch"):
         history = report["runs"][run]["history"]
-        assert len(history) == 2 and all(math.isfinite(h["val_loss"]) for h in history)
+        assert len(epoch_ends(history)) == 2 and all(math.isfinite(h["val_loss"]) for h in history)
     assert VPG.from_pretrained(tmp_path / "run" / "transfer" / "vpg").config.llm_hidden_size == 40
     refused = "the memory connector and --mma patch the LLM's layers, but .*model_type 't5'"
     with pytest.raises(SystemExit, match=refused):
@@ -253,7 +258,7 @@ def test_a_lavis_checkpoint_as_the_source_vpg(tiny_defaults, tmp_path):
     torch.save({"model": lavis_state("opt_proj", vision=96, llm=32)}, tmp_path / "blip2_pretrained_tiny.pth")
     report = main(["--preset", "smoke", "--no-baseline", "--source-vpg", str(tmp_path / "blip2_pretrained_tiny.pth"),
                    "--output-dir", str(tmp_path / "run")])
-    assert "source" not in report["runs"] and len(report["runs"]["transfer"]["history"]) == 2
+    assert "source" not in report["runs"] and len(epoch_ends(report["runs"]["transfer"]["history"])) == 2
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="not a LAVIS checkpoint"):
         main(["--preset", "smoke", "--source-vpg", str(tmp_path / "other.pth"), "--output-dir", str(tmp_path / "no")])

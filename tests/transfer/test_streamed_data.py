@@ -16,6 +16,7 @@ import vlfast.transfer.data
 from tests.transfer.conftest import command, environment, run_cli
 from vlfast.data.shapes import write_shards
 from vlfast.transfer.__main__ import main
+from vlfast.transfer.report import epoch_ends
 
 STREAMED = ("--preset", "smoke", "--no-baseline", "--samples-per-epoch", "64", "--val-data", "shapes")
 
@@ -39,7 +40,7 @@ def test_shards_with_an_unusable_sample_on_the_fly_and_cached(tiny_defaults, tmp
     pattern = shards(tmp_path, broken=True)
     out = tmp_path / "fly"
     report = main([*STREAMED, "--data", f"wds:{pattern}", "--feature-cache", "none", "--output-dir", str(out)])
-    assert [h["epoch"] for h in report["runs"]["transfer"]["history"]] == [1, 2]
+    assert [h["epoch"] for h in epoch_ends(report["runs"]["transfer"]["history"])] == [1, 2]
     result = json.loads((out / "transfer" / "result.json").read_text())
     assert result["skipped_samples"] >= 2  # both samples of 00004.tar, each time it is read
     assert "unusable samples skipped" in capsys.readouterr().err
@@ -53,7 +54,7 @@ def test_a_mixture_of_shards_and_shapes(tiny_defaults, tmp_path):
     pattern = shards(tmp_path)
     report = main([*STREAMED, "--data", f"wds:{pattern}=0.7,shapes=0.3", "--workers", "1",
                    "--output-dir", str(tmp_path / "run")])
-    history = report["runs"]["transfer"]["history"]
+    history = epoch_ends(report["runs"]["transfer"]["history"])
     assert len(history) == 2 and all(h["qa_accuracy"] is not None for h in history)
 
 

@@ -90,6 +90,15 @@ class _Pixels(torch.utils.data.Dataset):
             raise ValueError(f"{path}: not an image PIL can read ({error})") from error
 
 
+def same_length_batches(prefixes: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `prefixes` in batches of at most batch_size whose prefixes have one length, so that
+    generation needs no padding."""
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+    return [group[start:start + batch_size]
+            for _, same in groupby(order, key=lambda i: len(prefixes[i])) for group in [list(same)]
+            for start in range(0, len(group), batch_size)]
+
+
 @torch.no_grad()
 def predict(model: VisionLanguageModel, samples: list[Sample], generation: Generation, *, batch_size: int = 16,
             workers: int = 0, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
@@ -103,10 +112,7 @@ def predict(model: VisionLanguageModel, samples: list[Sample], generation: Gener
     prefixes = [collate.prefix_ids(prompt_text(generation.prompt, s)) for s in mine]
     if any(not prefix for prefix in prefixes):
         raise ValueError("an empty prompt and a tokenizer without a bos token: give the model a --prompt")
-    order = sorted(range(len(mine)), key=lambda i: len(prefixes[i]))
-    batches = [group[start:start + batch_size]
-               for _, same in groupby(order, key=lambda i: len(prefixes[i])) for group in [list(same)]
-               for start in range(0, len(group), batch_size)]
+    batches = same_length_batches(prefixes, batch_size)
     loader = torch.utils.data.DataLoader(_Pixels(mine, model.vision_tower.config.image_size), batch_sampler=batches,
                                          num_workers=workers)
     device = next(model.vpg.parameters()).device

@@ -68,7 +68,9 @@ class TransferConfig:
     min_lr_ratio: float = 0.5  # stage 2's cosine decay ends at lr * this (1e-4 -> 5e-5 in the paper)
     converter_epochs: int = 8
     metric: str = "val_loss"  # the score behind the speed-up: val_loss | cider | qa_accuracy | <eval_task>/<score>
-    eval_every: int | None = None  # validate every N optimizer steps too (always at epoch ends and the end)
+    # Validate every N optimizer steps too (always at epoch ends and the end); None: every quarter epoch. Between
+    # epoch ends only the --metric is computed (the val_loss alone is cheap; captions and answers are generated).
+    eval_every: int | None = None
     # A benchmark scored at every validation too, by `python -m vlfast.evaluate`'s code (its official files and metric).
     eval_task: str | None = None  # vqav2 | okvqa | gqa | coco_caption | nocaps | scienceqa
     eval_data: str | None = None  # its files' folder (e.g. DIR/<task> of `python -m vlfast.data.shapes export DIR`)

@@ -11,14 +11,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import torch
 
 from vlfast.data.collate import CaptionCollator
 from vlfast.evaluate.common import Benchmark
-from vlfast.evaluate.run import Generation, check_prompt, evaluate_model, generation_details, write_results
+from vlfast.evaluate.run import (
+    Generation,
+    check_prompt,
+    evaluate_model,
+    generation_details,
+    same_length_batches,
+    write_results,
+)
 from vlfast.evaluate.tasks import Task, get_task, load_benchmark, numeric_scores
 from vlfast.models import VisionLanguageModel
 from vlfast.transfer.data import model_images
@@ -49,12 +55,10 @@ def generate(model: VisionLanguageModel, images: dict[str, torch.Tensor], prompt
     """Greedy continuations of each prompt given its image (row of `images`). Prompts of one length
     go together, so no batch needs padding."""
     tokenizer = collate.tokenizer
-    encoded = [torch.tensor(collate.prefix_ids(prompt)) for prompt in prompts]
+    encoded = [collate.prefix_ids(prompt) for prompt in prompts]
     texts: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for _, same_length in groupby(order, key=lambda i: len(encoded[i])):
-        part = list(same_length)
-        new = model.generate(torch.stack([encoded[i] for i in part]).to(device),
+    for part in same_length_batches(encoded, len(prompts)):
+        new = model.generate(torch.tensor([encoded[i] for i in part], device=device),
                              **{name: value[part] for name, value in images.items()},
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -65,10 +69,12 @@ def generate(model: VisionLanguageModel, images: dict[str, torch.Tensor], prompt
 
 @torch.no_grad()
 def evaluate(model: VisionLanguageModel, batches: Iterable[dict], collate: CaptionCollator,
-             device: torch.device) -> dict[str, float | None]:
+             device: torch.device, only: set[str] | None = None) -> dict[str, float | None]:
     """val_loss (mean LM loss per labelled token over the examples), cider (a greedy caption of each
     image against its references: those its examples carry, else every caption of it seen) and
-    qa_accuracy (the answer's first word, exact match; None without questions), in one pass."""
+    qa_accuracy (the answer's first word, exact match; None without questions), in one pass; with
+    `only`, the scores not named there are None and their generation is skipped."""
+    captioning, answering = only is None or "cider" in only, only is None or "qa_accuracy" in only
     model.eval()
     total = tokens = 0.0
     references: dict[str, list[str]] = {}
@@ -87,18 +93,19 @@ def evaluate(model: VisionLanguageModel, batches: Iterable[dict], collate: Capti
                 references[key] = list(given) or [*references.get(key, []), caption]
                 if key not in candidates and key not in first:
                     first[key] = i
-        if first:
+        if first and captioning:
             chosen = list(first.values())
             texts = generate(model, {n: v[chosen] for n, v in pictures.items()}, [""] * len(chosen), collate,
                              MAX_CAPTION_TOKENS, device)
             candidates |= dict(zip(first, texts, strict=True))
-        questions = [i for i, prompt in enumerate(batch["prompts"]) if prompt]
+        questions = [i for i, prompt in enumerate(batch["prompts"]) if prompt and answering]
         if questions:
             answers = generate(model, {n: v[questions] for n, v in pictures.items()},
                                [batch["prompts"][i] for i in questions], collate, MAX_ANSWER_TOKENS, device)
             hits += [(a.split() or [""])[0] == batch["captions"][i] for a, i in zip(answers, questions, strict=True)]
     keys = list(candidates)
-    return {"val_loss": total / tokens, "cider": cider([references[k] for k in keys], [candidates[k] for k in keys]),
+    return {"val_loss": total / tokens,
+            "cider": cider([references[k] for k in keys], [candidates[k] for k in keys]) if captioning else None,
             "qa_accuracy": sum(hits) / len(hits) if hits else None}
 
 

@@ -203,7 +203,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
         model = _model(config, parts.tower, vpg, parts.source_llm, parts.source_tokenizer)
         results[SOURCE] = loop.train_run(SOURCE, model,
                                          [loop.Stage("train", config.source_epochs, config.lr, "constant", _all_of)],
-                                         context(parts.source_tokenizer, parts.source_llm))
+                                         context(parts.source_tokenizer, parts.source_llm), compared=False)
         model.release_llm()
         source_vpg = VPG.from_pretrained(out / SOURCE / "vpg")
 
@@ -222,8 +222,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
                          _projector_and_patches, aligned(config.pformer_weight_stage1)),
               loop.Stage("stage 2", config.epochs - 1, config.lr, "cosine", _all_of,
                          aligned(config.pformer_weight_stage2))]
-    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer, parts.target_llm),
-                                       config.max_steps)
+    results[TRANSFER] = loop.train_run(TRANSFER, model, stages, context(parts.target_tokenizer, parts.target_llm))
     model.release_llm()
 
     # 3. The baseline: the same VPG on the target LLM from scratch, same data and budget.
@@ -233,7 +232,7 @@ def run(config: TransferConfig, parts: Parts, processes: Processes, signals: Sto
         results[SCRATCH] = loop.train_run(SCRATCH, model,
                                           [loop.Stage("train", config.epochs, config.lr, "cosine", _all_of,
                                                       aligned(config.pformer_weight_stage2))],
-                                          context(parts.target_tokenizer, parts.target_llm), config.max_steps)
+                                          context(parts.target_tokenizer, parts.target_llm))
         model.release_llm()
     if not processes.main:  # only the main process evaluates
         return {}

@@ -73,10 +73,12 @@ def _schedule(stage: Stage, total: int, min_ratio: float) -> Callable[[int], flo
 
 
 def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], context: Context,
-              max_steps: int | None = None) -> dict:
-    """Trains (or resumes, or reads back) the run for its stages' epochs or `max_steps`; returns its
-    result: the history of validation scores with the training seconds (wall_s, evaluation
-    excluded) up to each, the training seconds and the steps."""
+              compared: bool = True) -> dict:
+    """Trains (or resumes, or reads back) the run; returns its result: the history of validation
+    scores with the training seconds (wall_s, evaluation excluded) up to each, the training seconds
+    and the steps. A compared run (transfer, scratch) trains for --max-steps if given, else its
+    stages' epochs, and validates every --eval-every steps (a quarter epoch by default) as well as
+    at epoch ends; the source run trains its epochs and validates at their ends."""
     run_dir = context.output_dir / name
     if (run_dir / RESULT).is_file():  # finished before: the caller loads the weights it needs
         return json.loads((run_dir / RESULT).read_text())
@@ -96,9 +98,11 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         return optimizer, scheduler
 
     def scores(step: int, epoch: int | float) -> dict:
-        found = evaluate(model, context.data.val_batches(), context.collate, device)
-        if context.benchmark:
-            label = f"epoch-{epoch}" if isinstance(epoch, int) else f"step-{step}"
+        epoch_end = isinstance(epoch, int)  # all scores at epoch ends; the metric alone in between
+        found = evaluate(model, context.data.val_batches(), context.collate, device,
+                         None if epoch_end else {config.metric})
+        if context.benchmark and (epoch_end or config.metric.startswith(f"{context.benchmark.task.name}/")):
+            label = f"epoch-{epoch}" if epoch_end else f"step-{step}"
             found |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / label)
         if found.get(config.metric) is None:
             raise ValueError(f"--metric {config.metric}: the evaluation gave no such score (it gave "
@@ -110,11 +114,14 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
 
     model.train()
     loader = context.data.train_loader(seed_for(config.seed, name))
+    epoch_steps = steps_per_epoch(loader, config.grad_accum)
+    eval_every = (config.eval_every or max(1, epoch_steps // 4)) if compared else None
+    max_steps = config.max_steps if compared else None
     result = training.Run(
-        name, run_dir, stages, steps_per_epoch(loader, config.grad_accum), optimizer_steps(loader, config.grad_accum),
+        name, run_dir, stages, epoch_steps, optimizer_steps(loader, config.grad_accum),
         {n: p for n, p in sorted(model.named_parameters()) if id(p) in trained}, start,
         lambda stage, batches: _step(model, network, batches, context, autocast, stage.losses), scores,
-        processes, context.signals, config.checkpoint_every, config.eval_every, max_steps, config.max_grad_norm,
+        processes, context.signals, config.checkpoint_every, eval_every, max_steps, config.max_grad_norm,
         context.output_dir / "tensorboard" / name, sharded, loader).train()
     skipped = processes.sum([sum(loader.skipped.values())])[0]
     if skipped:  # what the stream dropped (--on-error skip), over all processes
