@@ -14,6 +14,15 @@ pre-activation gradient (B, L, M) in fp32, then dx = dpre K with the same produc
 reduces over rows for dz, dkey_pos and dvalue_pos (`memvp_bwd_memory_kernel`), deterministically
 and without atomics.
 
+fp16 (max 65504): the activation and dpre can pass the fp16 range where the fp32 reference and the
+op's results do not (x K^T of 2e5 with small V). Wherever such a tile is rounded to fp16 for a
+tensor-core product, it is first multiplied by a power of 2 per row of the product's result
+(uniform along the reduction), and the fp32 product by its inverse (`_fp16_safe_factor`); the factor
+is 1 below 2^15, so ordinary inputs round exactly as before. The backward's operands are fp32 in
+memory, so each tile finds its own factor. The forward's activation stays fp16 in memory with one
+fp32 factor per (row, activation tile) beside it (1/32 more bytes at BLOCK_M = 64), which costs less
+traffic than writing the activation in fp32 (twice the bytes, read once per D tile of the product).
+
 Dropout is counter-based (`kernels/utils.py: dropout_factor`), so the mask is regenerated from the
 seed in backward and equal on all backends. Offsets into (B, L, D) and (B, L, M) tensors are 64-bit:
 B x L x D can pass 2^31.
@@ -49,6 +58,13 @@ def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.con
 
 
 @triton.jit
+def _fp16_safe_factor(tile_max):
+    """A power of 2, at most 1, that brings tile_max below 2^15 (fp16's max is 65504): 1 for ordinary
+    values, so their fp16 rounding is unchanged; powers of 2 scale without rounding."""
+    return tl.exp2(-tl.maximum(tl.floor(tl.log2(tl.maximum(tile_max, 1.0))) - 14.0, 0.0))
+
+
+@triton.jit
 def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
@@ -68,12 +84,13 @@ def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim
 
 @triton.jit
 def memvp_activation_kernel(
-    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, act_ptr, dpre_ptr,
+    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, act_ptr, dpre_ptr, unscale_ptr,
     length, memory, dim, scale, keep_scale, seed, threshold,
-    BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, FP16_SAFE: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (rows x memory) tile of the activation. Forward: act = dropout(silu(x K^T)) * scale.
+    """One (rows x memory) tile of the activation. Forward: act = dropout(silu(x K^T)) * scale, with
+    FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
     Backward: act = dropout(silu(x K^T)) and dpre = dL/d(x K^T) = dropout(scale dout V^T silu'),
     both fp32."""
     batch = tl.program_id(2)
@@ -94,17 +111,25 @@ def memvp_activation_kernel(
         hidden = pre * sig * scale
         if DROPOUT:
             hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
+        if FP16_SAFE:
+            factor = _fp16_safe_factor(tl.max(tl.abs(hidden), axis=1))
+            hidden = hidden * factor[:, None]
+            tiles = tl.num_programs(1)
+            tl.store(unscale_ptr + (batch * length + rows).to(tl.int64) * tiles + tl.program_id(1), 1.0 / factor,
+                     mask=rows < length)
         tl.store(act_ptr + offsets, hidden.to(act_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def memvp_times_memory_kernel(
-    act_ptr, z_ptr, pos_ptr, out_ptr, length, memory, dim,
-    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    act_ptr, unscale_ptr, z_ptr, pos_ptr, out_ptr, length, memory, dim, act_tile,
+    STORED_SCALES: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (rows x D) tile of out = act (z + pos), act (B, L, M), accumulated over M in fp32. The
-    activation is rounded to the output's dtype first, as the unfused op holds it."""
+    activation is rounded to the output's dtype first, as the unfused op holds it. For an fp16
+    output, rows are scaled to fit fp16 first: STORED_SCALES, the activation kernel's (one per
+    act_tile columns, which a BLOCK_M tile never straddles), else each tile's own."""
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -113,11 +138,22 @@ def memvp_times_memory_kernel(
         mem = m0 + tl.arange(0, BLOCK_M)
         act = tl.load(act_ptr + (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :],
                       mask=(rows[:, None] < length) & (mem[None, :] < memory), other=0.0)
-        act = act.to(out_ptr.dtype.element_ty)
-        if DOT_FP32:
-            act = act.to(tl.float32)
         memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
-        acc += tl.dot(act, memory_rows, input_precision=PRECISION)
+        if out_ptr.dtype.element_ty == tl.float16:
+            if STORED_SCALES:
+                factor = 1.0 / tl.load(unscale_ptr + (batch * length + rows).to(tl.int64) * tl.cdiv(memory, act_tile)
+                                       + m0 // act_tile, mask=rows < length, other=1.0)
+            else:
+                factor = _fp16_safe_factor(tl.max(tl.abs(act), axis=1))
+                act = act * factor[:, None]
+            # Scaling the accumulator too (by a power of 2: exact) spares a second (BLOCK_L, BLOCK_D) tile.
+            acc = tl.dot(act.to(tl.float16), memory_rows, acc * factor[:, None], input_precision=PRECISION)
+            acc = acc / factor[:, None]
+        else:
+            act = act.to(out_ptr.dtype.element_ty)
+            if DOT_FP32:
+                act = act.to(tl.float32)
+            acc += tl.dot(act, memory_rows, input_precision=PRECISION)
     tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
 
@@ -131,7 +167,8 @@ def memvp_bwd_memory_kernel(
 ):
     """Per (memory rows, D columns) tile, one side of the memory gradient: G_b = factor * act_b^T
     rows_b summed over the L rows, with (act, rows) = (dpre, x) for the keys and (hidden, dout)
-    for the values. dz_b = G_b (or += G_b when ACCUMULATE: the second side), dpos = sum_b G_b."""
+    for the values. dz_b = G_b (or += G_b when ACCUMULATE: the second side), dpos = sum_b G_b.
+    fp16 act tiles are scaled per memory row to fit fp16 (`_fp16_safe_factor`)."""
     mem = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tile_mask = (mem[:, None] < memory) & (cols[None, :] < dim)
@@ -145,10 +182,14 @@ def memvp_bwd_memory_kernel(
             rows = tl.load(rows_ptr + (batch * length + steps[:, None]).to(tl.int64) * dim + cols[None, :],
                            mask=(steps[:, None] < length) & (cols[None, :] < dim), other=0.0)
             if DOT_FP32:
-                rows = rows.to(tl.float32)
+                grad += tl.dot(tl.trans(act), rows.to(tl.float32), input_precision=PRECISION)
+            elif rows_ptr.dtype.element_ty == tl.float16:
+                # Scaling the accumulator too (by a power of 2: exact) spares a second (BLOCK_M, BLOCK_D) tile.
+                fit = _fp16_safe_factor(tl.max(tl.abs(act), axis=0))
+                grad = tl.dot(tl.trans((act * fit[None, :]).to(tl.float16)), rows, grad * fit[:, None],
+                              input_precision=PRECISION) / fit[:, None]
             else:
-                act = act.to(rows.dtype)
-            grad += tl.dot(tl.trans(act), rows, input_precision=PRECISION)
+                grad += tl.dot(tl.trans(act.to(rows.dtype)), rows, input_precision=PRECISION)
         grad = grad * factor
         dz_ptrs = dz_ptr + (batch * memory + mem[:, None]).to(tl.int64) * dim + cols[None, :]
         if ACCUMULATE:
@@ -162,8 +203,8 @@ def memvp_bwd_memory_kernel(
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
     """Tiles of both kernels: `act` / `act_backward` for the (rows x memory) activation tiles,
     reduced over D (the backward holds two accumulators: twice the warps); `product` for the
-    (rows x D) output tiles, reduced over M. fp32 operands (3-pass tf32) get half the rows, columns or reduction chunk. Chosen from
-    the static report: no spills on sm_80 and sm_90."""
+    (rows x D) output tiles, reduced over M. fp32 operands (3-pass tf32) get half the rows, columns or
+    reduction chunk. Chosen from the static report: no spills on sm_80 and sm_90."""
     narrow = x.element_size() == 2
     block_m = min(64, max(16, triton.next_power_of_2(memory)))
     dots = dot_options(x, interpret)
@@ -180,33 +221,43 @@ def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict
     return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **dot_options(x, interpret)}
 
 
-def _activation(x, z, key_pos, value_pos, dout, act, dpre, scale, dropout_p, seed, cfg) -> None:
+def _activation(x, z, key_pos, value_pos, dout, act, dpre, unscale, scale, dropout_p, seed, cfg) -> None:
     batch, length, dim = x.shape
     memory = z.shape[1]
     tiles = cfg["act" if dout is None else "act_backward"]
     grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(memory, tiles["BLOCK_M"]), batch)
     memvp_activation_kernel[grid](
         x, z, key_pos, value_pos, dout if dout is not None else x, act, dpre if dpre is not None else act,
-        length, memory, dim, scale, **dropout_args(dropout_p, seed),
-        BACKWARD=dout is not None, DROPOUT=dropout_p > 0, **tiles,
+        unscale if unscale is not None else act, length, memory, dim, scale, **dropout_args(dropout_p, seed),
+        BACKWARD=dout is not None, DROPOUT=dropout_p > 0, FP16_SAFE=unscale is not None, **tiles,
     )
 
 
-def _times_memory(act, z, pos, out, cfg) -> None:
+def _times_memory(act, unscale, z, pos, out, cfg) -> None:
+    """out = act (z + pos); unscale: the activation kernel's fp16 factors (forward, fp16), or None."""
     batch, length, dim = out.shape
+    memory = z.shape[1]
     tiles = cfg["product"]
+    act_tile = cfg["act"]["BLOCK_M"]
+    # A product tile must lie within one activation tile to share its row factors.
+    assert act_tile % tiles["BLOCK_M"] == 0 or act_tile >= memory, (act_tile, tiles["BLOCK_M"])
     grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(dim, tiles["BLOCK_D"]), batch)
-    memvp_times_memory_kernel[grid](act, z, pos, out, length, z.shape[1], dim, **tiles)
+    memvp_times_memory_kernel[grid](act, unscale if unscale is not None else act, z, pos, out, length, memory, dim,
+                                    act_tile, STORED_SCALES=unscale is not None, **tiles)
 
 
 def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
     batch, length, _ = x.shape
-    cfg = launch_config(x, z.shape[1])
+    memory = z.shape[1]
+    cfg = launch_config(x, memory)
     # The activation in the dtype the product reads (fp32 where the interpreter needs fp32 operands).
-    act = new_output((batch, length, z.shape[1]), torch.float32 if cfg["act"]["DOT_FP32"] else x.dtype, x.device)
-    _activation(x, z, key_pos, value_pos, None, act, None, scale, dropout_p, seed, cfg)
+    act = new_output((batch, length, memory), torch.float32 if cfg["act"]["DOT_FP32"] else x.dtype, x.device)
+    unscale = None
+    if x.dtype == torch.float16:
+        unscale = new_output((batch, length, triton.cdiv(memory, cfg["act"]["BLOCK_M"])), torch.float32, x.device)
+    _activation(x, z, key_pos, value_pos, None, act, None, unscale, scale, dropout_p, seed, cfg)
     out = new_output(x.shape, storage_dtype(x.dtype), x.device)
-    _times_memory(act, z, value_pos, out, cfg)
+    _times_memory(act, unscale, z, value_pos, out, cfg)
     return out.to(x.dtype)
 
 
@@ -216,10 +267,10 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     hidden = new_output((batch, length, memory), torch.float32, x.device)
     dpre = new_output((batch, length, memory), torch.float32, x.device)
     cfg = launch_config(x, memory)
-    _activation(x, z, key_pos, value_pos, dout, hidden, dpre, scale, dropout_p, seed, cfg)
+    _activation(x, z, key_pos, value_pos, dout, hidden, dpre, None, scale, dropout_p, seed, cfg)
     written = storage_dtype(x.dtype)
     dx = new_output(x.shape, written, x.device)
-    _times_memory(dpre, z, key_pos, dx, cfg)
+    _times_memory(dpre, None, z, key_pos, dx, cfg)
     # dz = dK + dV is summed in fp32 over two launches (keys, then values) and rounded once.
     dz = new_output(z.shape, torch.float32, z.device)
     dkey_pos = new_output(key_pos.shape, written, key_pos.device)
@@ -246,15 +297,23 @@ def report_specs() -> list[KernelSpec]:
         memory_cfg = memory_kernel_config(x, interpret=False)
         memory_warps = memory_cfg.pop("num_warps")
         sizes = {"length": "i32", "memory": "i32", "dim": "i32"}
-        act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t, **sizes,
-                    "scale": "fp32", "keep_scale": "fp32", "seed": "i32", "threshold": "i32"}
+        act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t,
+                    "unscale_ptr": "*fp32", **sizes, "scale": "fp32", "keep_scale": "fp32", "seed": "i32",
+                    "threshold": "i32"}
+        fp16_safe = dtype == torch.float16
+        product_args = {"act_ptr": t, "unscale_ptr": "*fp32", "z_ptr": t, "pos_ptr": t, "out_ptr": t, **sizes,
+                        "act_tile": "i32"}
         specs += [
             KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": t, "dpre_ptr": t},
-                       {"BACKWARD": False, "DROPOUT": True, **act}, act_warps, label + " forward"),
+                       {"BACKWARD": False, "DROPOUT": True, "FP16_SAFE": fp16_safe, **act}, act_warps,
+                       label + " forward"),
             KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": "*fp32", "dpre_ptr": "*fp32"},
-                       {"BACKWARD": True, "DROPOUT": True, **backward}, backward_warps, label + " backward"),
-            KernelSpec(memvp_times_memory_kernel, {"act_ptr": t, "z_ptr": t, "pos_ptr": t, "out_ptr": t, **sizes},
-                       product, product_warps, label),
+                       {"BACKWARD": True, "DROPOUT": True, "FP16_SAFE": False, **backward}, backward_warps,
+                       label + " backward"),
+            KernelSpec(memvp_times_memory_kernel, product_args, {"STORED_SCALES": fp16_safe, **product},
+                       product_warps, label + " forward"),
+            KernelSpec(memvp_times_memory_kernel, {**product_args, "act_ptr": "*fp32"},
+                       {"STORED_SCALES": False, **product}, product_warps, label + " backward (dx)"),
             KernelSpec(memvp_bwd_memory_kernel, {
                 "act_ptr": "*fp32", "rows_ptr": t, "dz_ptr": "*fp32", "dpos_ptr": t, "batches": "i32",
                 "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},

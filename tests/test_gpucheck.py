@@ -66,6 +66,20 @@ def test_refusals_are_recorded_with_the_reason():
     assert record["status"] == "refused" and "CUDA tensors" in record["reason"]
 
 
+def test_fp16_overflow_cases_fail_a_kernel_with_fp16_intermediates():
+    op = OPS["memvp_memory"]
+    case = next(c for c in op.cases if c.variant == "large activation")
+    inputs = op.make(case, torch.Generator().manual_seed(0))
+    record = next(correctness.check_case(op, case, inputs, torch.float16, ["cpu"], CPU))
+    assert record["status"] == "ok"
+
+    def plain_fp16(inputs, backend):
+        return op.oracle(inputs)  # the plain op: x K^T overflows in fp16
+
+    record = next(correctness.check_case(replace(op, kernel=plain_fp16), case, inputs, torch.float16, ["cpu"], CPU))
+    assert record["status"] == "fail"
+
+
 def test_forward_only_cases_compare_the_named_rows():
     op = OPS["routed_adapter"]
     case = Case("routed_adapter", dict(B=1, L=40, D=16, E=2, R=4), "test", rows=(0, 39))

@@ -5,10 +5,11 @@ import pytest
 import torch
 from vlfast.kernels.utils import poisoned_outputs
 
+from vlfast.gpucheck.cases import memvp_fp16_overflow_inputs
 from vlfast.ops import BackendUnsupportedError, memvp_memory
 from vlfast.ops.memvp_memory import unsupported_reason
 from vlfast.ops.reference import dropout_keep_mask, memvp_memory_autograd
-from vlfast.ops.tolerance import assert_close_to_reference, forward_backward, seed_of
+from vlfast.ops.tolerance import assert_close_to_reference, forward_backward, plain_forward_backward, seed_of
 
 RUNNABLE_BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -64,6 +65,38 @@ def test_matches_float64_reference(backend, dtype, shape, dropout_p):
         assert_close_to_reference(name, got, ref, plain, factor=3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("large", ["activation", "dpre"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_fp16_intermediates_do_not_overflow(backend, large, dropout_p):
+    """x K^T (forward) or dout V^T (backward) past fp16's 65504 with every result within it: the plain
+    fp16 op overflows; the kernels must stay as close to float64 as fp32 rounded to fp16 is. M = 100
+    spans two Triton activation tiles with different row factors."""
+    shape = (2, 9, 100, 24)
+    dims = dict(zip("BLMD", shape, strict=True))
+    tensors, dout = memvp_fp16_overflow_inputs(dims, large, torch.Generator().manual_seed(0))
+    keep = dropout_keep_mask(seed_of(7), shape[:3], dropout_p) if dropout_p else None
+
+    def oracle(*t):
+        return memvp_memory_autograd(*t, scale=SCALE, keep_mask=keep, dropout_p=dropout_p)
+
+    def kernel(*t):
+        return memvp_memory(*t, scale=SCALE, dropout_p=dropout_p, generator=torch.Generator().manual_seed(7),
+                            backend=backend)
+
+    ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
+    fp16_out, fp16_grads = forward_backward(oracle, tensors, dout, torch.float16)
+    assert all(r.half().isfinite().all() for r in (ref_out, *ref_grads))
+    assert not all(r.isfinite().all() for r in (fp16_out, *fp16_grads))
+    plain_out, plain_grads = plain_forward_backward(oracle, tensors, dout, torch.float16, fp32_intermediates=True)
+    with poisoned_outputs():
+        out, grads = forward_backward(kernel, tensors, dout, torch.float16)
+    assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
+    for name, got, ref, plain in zip(("dx", "dz", "dkey_pos", "dvalue_pos"), grads, ref_grads, plain_grads,
+                                     strict=True):
+        assert_close_to_reference(name, got, ref, plain, factor=3)
+
+
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_dropout_is_reproducible_from_the_generator(backend):
     tensors, _ = make_inputs((2, 9, 6, 16))
@@ -113,8 +146,9 @@ def test_bad_arguments_name_the_argument(change, error, words):
 
 def test_backends_say_why_they_refuse():
     x, z, kp, vp = torch.randn(1, 2, 8), torch.randn(1, 600, 8), torch.randn(600, 8), torch.randn(600, 8)
-    assert "M <= 512, got 600" in unsupported_reason("cuda", x.half(), z.half())
-    assert unsupported_reason("triton", x, z) is None  # the Triton kernels tile the memory: any M
+    # Both GPU backends tile the memory: any M (LLaVA-1.5 feeds 576 visual tokens).
+    assert unsupported_reason("cuda", x.half(), z.half()) is None and unsupported_reason("triton", x, z) is None
+    assert "cuda supports float16, bfloat16, got float32" in unsupported_reason("cuda", x, z)
     with pytest.raises(BackendUnsupportedError, match="CUDA tensors"):
         memvp_memory(x, z, kp, vp, backend="cuda")
 

@@ -29,7 +29,9 @@ class Case:
     op: str
     dims: dict[str, int]
     label: str
-    variant: str = ""  # "mask" (cross_attention, a fully masked sample included) or "dropout"
+    # "mask" (cross_attention, a fully masked sample included), "dropout", or (memvp_memory) "large
+    # activation" / "large dpre": fp16 intermediates past 65504, results within fp16's range.
+    variant: str = ""
     rows: tuple[int, ...] = ()
 
     @property
@@ -49,6 +51,9 @@ class Inputs:
     mask: Tensor | None = None  # cross_attention's kv_mask
     keep: Tensor | None = None  # the dropout keep mask the backends must draw
     dropout_p: float = 0.0
+    # dtypes whose plain op overflows in its intermediates on these inputs: their yardstick is the
+    # op in fp32 rounded to the dtype (vlfast.ops.tolerance.plain_forward_backward).
+    fp32_plain: tuple[torch.dtype, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,36 @@ CROSS_ATTENTION.cases.extend(
 MEMVP_SCALE = 0.7
 
 
+def _grid(gen: torch.Generator, shape: tuple[int, ...], bound: float, step: float) -> Tensor:
+    """Uniform multiples of step (a power of 2) in [-bound, bound], float64."""
+    n = round(bound / step)
+    return torch.randint(-n, n + 1, shape, generator=gen, device=gen.device).double() * step
+
+
+def memvp_fp16_overflow_inputs(dims: dict[str, int], large: str, gen: torch.Generator) -> tuple[list[Tensor], Tensor]:
+    """(x, z, key_pos, value_pos), dout on which memvp's fp16 intermediates pass 65504 while the
+    results (scale 0.7) stay within fp16's range, for B, L <= 40, M <= 128, D <= 32. large="activation":
+    x K^T up to ~2e5 with small V and dout; "dpre": dout V^T up to ~1e5 with small x and K. Values lie
+    on grids that make x, dout, z + key_pos and z + value_pos exact in fp16, so the only fp16
+    roundings left are the ones a kernel cannot avoid."""
+    b, length, m, dim = dims["B"], dims["L"], dims["M"], dims["D"]
+    if large == "activation":
+        x, dout = _grid(gen, (b, length, dim), 4096, 4), _grid(gen, (b, length, dim), 2**-5, 2**-9)
+        z, key_pos, value_pos = _grid(gen, (b, m, dim), 2**-5, 2**-7), _grid(gen, (m, dim), 8, 1), \
+            _grid(gen, (m, dim), 2**-7, 2**-11)
+    else:
+        x, dout = _grid(gen, (b, length, dim), 2**-5, 2**-9), _grid(gen, (b, length, dim), 4096, 4)
+        z, key_pos, value_pos = _grid(gen, (b, m, dim), 2**-6, 2**-6), _grid(gen, (m, dim), 2**-6, 2**-10), \
+            _grid(gen, (m, dim), 16, 2**-6)
+    return [x, z, key_pos, value_pos], dout
+
+
 def _memvp_inputs(case: Case, gen: torch.Generator) -> Inputs:
     d = case.dims
     b, length, m, dim = d["B"], d["L"], d["M"], d["D"]
+    if case.variant.startswith("large "):
+        tensors, dout = memvp_fp16_overflow_inputs(d, case.variant.removeprefix("large "), gen)
+        return Inputs(tensors, dout, fp32_plain=(torch.float16,))
     # MemVP's magnitudes (z scaled by 0.01, positions ~ N(0, 0.02)), large enough for SiLU to bend.
     # x of the forward-only cases is too large for float64: its rows are drawn in fp32.
     x = _randn(gen, b, length, dim, dtype=torch.float32 if case.forward_only else torch.float64)
@@ -139,10 +171,16 @@ _MEMVP_SHAPES = [  # (B, L, M, D, label)
     (2, 7, 5, 24, "awkward"), (1, 1, 1, 1, "awkward"), (2, 33, 40, 64, "awkward"), (3, 5, 17, 130, "awkward"),
     (1, 19, 320, 48, "LLaMA-7B memory rows"), (2, 128, 320, 4096, "MemVP LLaMA-7B width"),
     (2, 64, 576, 256, "M = 576 (LLaVA-1.5 tokens)"), (1, 32, 2880, 128, "M = 2880 (high resolution)"),
+    # Beyond one CUDA memory tile (about 880 rows on an H100, 368 with 99 KiB of shared memory).
+    (1, 40, 1152, 4096, "M = 1152, LLaMA-7B width"), (1, 16, 8192, 64, "M = 8192"),
 ]
 MEMVP_MEMORY.cases.extend(
     Case("memvp_memory", dict(B=b, L=length, M=m, D=dim), label, variant)
     for b, length, m, dim, label in _MEMVP_SHAPES for variant in ("", "dropout")
+)
+MEMVP_MEMORY.cases.extend(
+    Case("memvp_memory", dict(B=2, L=33, M=100, D=24), "fp16 intermediates past 65504", variant)
+    for variant in ("large activation", "large dpre")
 )
 # B*L*D > 2^31: int32 element offsets overflow in the last rows.
 MEMVP_MEMORY.cases.append(Case("memvp_memory", dict(B=1, L=(2**31 // 4096) + 64, M=16, D=4096),

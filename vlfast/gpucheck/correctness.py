@@ -10,7 +10,7 @@ import torch
 from vlfast.gpucheck.cases import Case, Inputs, OpCheck
 from vlfast.kernels.utils import poisoned_outputs
 from vlfast.ops import BackendUnsupportedError
-from vlfast.ops.tolerance import compare, forward_backward
+from vlfast.ops.tolerance import compare, forward_backward, plain_forward_backward
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,7 +33,8 @@ def check_case(op: OpCheck, case: Case, inputs: Inputs, dtype: torch.dtype, back
     ref_inputs = [t.double() for t in (_rows(rounded, case.rows) if case.rows else rounded)]
     dout = None if inputs.dout is None else inputs.dout.to(dtype).double()
     ref_out, ref_grads = forward_backward(op.oracle(inputs), ref_inputs, dout, torch.float64)
-    plain_out, plain_grads = forward_backward(op.oracle(inputs), ref_inputs, dout, dtype)
+    plain_out, plain_grads = plain_forward_backward(op.oracle(inputs), ref_inputs, dout, dtype,
+                                                    dtype in inputs.fp32_plain)
     for backend in backends:
         record = {"op": op.name, "case": case.name, "label": case.label, "dtype": str(dtype).removeprefix("torch."),
                   "backend": backend, "checked": "forward, rows " + str(list(case.rows)) if case.rows

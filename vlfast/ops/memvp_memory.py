@@ -21,9 +21,8 @@ from vlfast.ops.glue import kernel, register_backward
 PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
 SUPPORT = {
     "triton": Support(limits={"D": MAX_WIDTH}, note="any M; fp32 as 3-pass tf32"),
-    "cuda": Support(HALF_DTYPES, {"D": MAX_WIDTH, "M": 512}, note="tensor cores (sm_80+)",
-                    dtype_why="the cuda kernels run on tensor cores; use triton for float32",
-                    limit_why="csrc/cuda/memvp_memory.cu keeps a block's (rows x M) activation in shared memory"),
+    "cuda": Support(HALF_DTYPES, {"D": MAX_WIDTH}, note="tensor cores (sm_80+); any M, in tiles sized to the GPU's "
+                    "shared memory", dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
     "cpu": Support(limits={"D": MAX_WIDTH}, note="computed in fp32"),
     "torch": Support(None, note="the reference"),
 }

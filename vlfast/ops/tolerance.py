@@ -4,7 +4,11 @@ computed in the same dtype (2 for outputs, 3 for gradients). Two errors no imple
 are not counted: rounding the result to its dtype (half an ulp at the result's scale), and fp32
 accumulation noise (16 ulp of fp32 at unit scale), which matters where the exact result is 0 by
 cancellation (e.g. dq with a single key) and the plain op hits 0 by luck of rounding. With few
-elements the plain op can also be luckily close."""
+elements the plain op can also be luckily close.
+
+On inputs built so that an op's fp16 intermediates pass 65504 while its results do not, the plain
+fp16 op gives inf and bounds nothing: there the yardstick is the op computed in fp32 and rounded to
+fp16 (`plain_forward_backward`), since a kernel must stay finite wherever fp32 does."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -64,6 +68,18 @@ def forward_backward(
         return out.detach(), []
     out.backward(dout.to(dtype))
     return out.detach(), [t.grad for t in leaves]
+
+
+def plain_forward_backward(
+    fn: Callable, tensors: Sequence[torch.Tensor], dout: torch.Tensor | None, dtype: torch.dtype,
+    fp32_intermediates: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The plain op's results in `dtype`, the rule's yardstick; with fp32_intermediates, computed in
+    fp32 and rounded to `dtype`."""
+    if not fp32_intermediates:
+        return forward_backward(fn, tensors, dout, dtype)
+    out, grads = forward_backward(fn, tensors, dout, torch.float32)
+    return out.to(dtype), [g.to(dtype) for g in grads]
 
 
 def seed_of(generator_seed: int) -> int:
