@@ -103,14 +103,15 @@ def test_cpu_forward_backward(benchmark, name, dtype):
 # CPU backward, which auto runs.
 AUTO_CASES = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
 CONTENDERS = ("vlfast-auto", "vlfast-cpu", "eager", "sdpa")
-AUTO_ROUNDS = 15
+AUTO_ROUNDS = 25
 
 
 @pytest.mark.parametrize(("dtype", "backward"), AUTO_CASES, ids=["float32-forward", "float32-backward",
                                                                   "bfloat16-forward"])
 def test_cpu_auto_is_not_slower(benchmark, dtype, backward):
     """Each round times every contender once, in turn, so that load on a shared machine falls on all
-    of them; auto's median must be within 10% of the fastest contender's."""
+    of them; auto's median must be within 20% of the fastest contender's (a shared machine's noise: a worse
+    choice, the cpu backend or the eager chain, is 1.4-5x slower)."""
     benchmark.group = "cross_attention, CPU: auto against the alternatives, one interleaved round"
     q, k, v, mask = qformer_inputs(dtype, requires_grad=backward)
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
@@ -130,7 +131,7 @@ def test_cpu_auto_is_not_slower(benchmark, dtype, backward):
         one_round()
     medians = {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
     benchmark.extra_info["median_ms"] = medians
-    assert medians["vlfast-auto"] <= 1.1 * min(medians.values()), medians
+    assert medians["vlfast-auto"] <= 1.2 * min(medians.values()), medians
 
 
 def test_flash_attn_peer(benchmark):
