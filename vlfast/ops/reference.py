@@ -82,8 +82,8 @@ def memvp_memory_torch(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
 ) -> Tensor:
     """The `torch` backend: the formula in fp32 (fp64 for fp64 inputs) with the dropout mask every
-    backend draws, differentiated by autograd, which keeps the (B, L, M) activations where the
-    kernels' backward recomputes them."""
+    backend draws, differentiated by autograd, which keeps the (B, L, M) activations (and for half
+    inputs an fp32 copy of x) where the kernels' backward recomputes them."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     keep = None
     if dropout_p > 0:
