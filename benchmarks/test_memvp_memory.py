@@ -37,8 +37,8 @@ LLAMA_7B = Stack.from_config(LLMS["llama-7b"])
 TEXT_TOKENS, VISUAL_TOKENS, MEMORY_ROWS = 512, 256, 320
 
 IMPLEMENTATIONS = {
+    "vlfast-auto": lambda *t: memvp_memory(*t, scale=0.1),  # the torch backend on CPU
     "vlfast-cpu": lambda *t: memvp_memory(*t, scale=0.1, backend="cpu"),
-    "vlfast-torch": lambda *t: memvp_memory(*t, scale=0.1, backend="torch"),
     "vlfast-triton-interpreter": lambda *t: memvp_memory(*t, scale=0.1, backend="triton"),
     "eager": lambda *t: memvp_memory_autograd(*t, scale=0.1),
 }

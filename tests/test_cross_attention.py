@@ -127,13 +127,13 @@ def test_backends_say_why_they_refuse():
 
 def test_use_backend_and_auto_choice(monkeypatch):
     calls = []
-    real = vlfast.ops.cross_attention.__globals__["kernel"]
+    real = vlfast.ops.cross_attention.__globals__["resolve_backend"]
 
-    def spy(backend, op, part):
-        calls.append(backend)
-        return real(backend, op, part)
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
 
-    monkeypatch.setitem(vlfast.ops.cross_attention.__globals__, "kernel", spy)
+    monkeypatch.setitem(vlfast.ops.cross_attention.__globals__, "resolve_backend", spy)
     q = torch.randn(1, 1, 4, 32)
     cross_attention(q, q, q)
     with use_backend("triton"):

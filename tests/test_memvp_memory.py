@@ -153,7 +153,7 @@ def test_backends_say_why_they_refuse():
         memvp_memory(x, z, kp, vp, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])  # the torch backend is plain PyTorch, not this op
 def test_opcheck(backend):
     tensors, _ = make_inputs((2, 5, 3, 16))
     args = [t.float().requires_grad_() for t in tensors]

@@ -17,7 +17,7 @@ def attention_args(masked: bool, backend: str):
     return (q, k, v, mask, 32**-0.5, backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])  # the torch backend is SDPA, not this op
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck(backend, masked):
     torch.library.opcheck(torch.ops.vlfast.cross_attention_fwd.default, attention_args(masked, backend))

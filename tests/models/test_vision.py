@@ -1,27 +1,20 @@
 import torch
 
 from vlfast.data.shapes import COLOURS, SHAPES, ShapesDataset
-from vlfast.models.vision import FeatureCache, tiny_vision_tower, tower_features
+from vlfast.models.vision import fingerprint, tiny_vision_tower, tower_features
 
 
 def pixels(scenes):
     return torch.stack([s.image for s in scenes]).float() / 127.5 - 1
 
 
-def test_cache_returns_the_towers_features_and_invalidates(tmp_path):
+def test_fingerprint_changes_with_the_preprocessing_and_the_tower():
+    """What keeps the feature cache (vlfast.data.feature_shards) from reading stale features."""
     tower = tiny_vision_tower()
-    scenes = [ShapesDataset("train", 6)[i] for i in range(6)]
-    keys = [f"train/{i}/view0" for i in range(6)]
-    cache = FeatureCache(tmp_path, tower, {"size": 48})
-    first = cache.features(keys, pixels(scenes))
-    again = cache.features(keys, torch.zeros(6, 3, 48, 48))  # read back: the pixels are not used
-    expected = tower_features(tower, pixels(scenes))
-    torch.testing.assert_close(first, expected, atol=2e-3, rtol=2e-3)  # stored in fp16
-    assert torch.equal(first, again) and cache.hits == 6 and cache.misses == 6
-    other = FeatureCache(tmp_path, tower, {"size": 48, "flip": True})
-    assert other.directory != cache.directory
-    changed = tiny_vision_tower(seed=1)
-    assert FeatureCache(tmp_path, changed, {"size": 48}).directory != cache.directory
+    first = fingerprint(tower, {"size": 48})
+    assert fingerprint(tiny_vision_tower(), {"size": 48}) == first
+    assert fingerprint(tower, {"size": 48, "flip": True}) != first
+    assert fingerprint(tiny_vision_tower(seed=1), {"size": 48}) != first
 
 
 def test_linear_probe_reads_shape_and_colour():

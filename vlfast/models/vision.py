@@ -1,4 +1,5 @@
-"""Frozen vision towers and the on-disk cache of their features.
+"""Frozen vision towers: building, loading and running them, and the fingerprint that keys the
+feature cache (vlfast.data.feature_shards) to a tower's config and weights.
 
 Any Hugging Face vision model whose output has `last_hidden_state` (B, N, C) works as a tower
 (CLIPVisionModel, Blip2VisionModel, ...). A BLIP-2 vision model's `post_layernorm` is BLIP-2's
@@ -13,7 +14,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -70,34 +70,3 @@ def fingerprint(tower: nn.Module, preprocessing: dict) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-class FeatureCache:
-    """Features of a frozen tower, computed once per (image, augmentation view) and read back
-    memory-mapped (fp16 .npy files under root/<fingerprint>/). A new tower or preprocessing gives
-    a new fingerprint, so stale features are never read."""
-
-    def __init__(self, root: str | Path, tower: nn.Module, preprocessing: dict) -> None:
-        self.tower = tower
-        self.directory = Path(root) / fingerprint(tower, preprocessing)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
-
-    def _path(self, key: str) -> Path:
-        return self.directory / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
-
-    def features(self, keys: list[str], pixel_values: Tensor) -> Tensor:
-        """(B, N, C) float32 features of images `pixel_values` identified by `keys` (image id and
-        augmentation view); only the missing ones run through the tower."""
-        if len(keys) != pixel_values.shape[0]:
-            raise ValueError(f"{len(keys)} keys for {pixel_values.shape[0]} images")
-        missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        if missing:
-            computed = tower_features(self.tower, pixel_values[missing]).to(torch.float16).cpu().numpy()
-            for row, i in enumerate(missing):
-                temporary = self._path(keys[i]).with_suffix(".tmp.npy")
-                np.save(temporary, computed[row])
-                temporary.replace(self._path(keys[i]))  # atomic: a reader never sees half a file
-        return torch.stack([torch.from_numpy(np.load(self._path(k), mmap_mode="r").astype(np.float32)) for k in keys])

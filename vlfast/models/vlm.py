@@ -40,6 +40,14 @@ def prepend_prompts(llm: nn.Module, prompts: Tensor, input_ids: Tensor,
     return embeds, nn.functional.pad(attention_mask, (prompts.shape[1], 0), value=1)
 
 
+def last_positions(count: int, embeds: Tensor) -> Tensor:
+    """`logits_to_keep` for the last `count` positions of `embeds` (B, T, D), as indices: they gather
+    the hidden states into a contiguous copy, where a slice would leave them strided and the LM head's
+    matmul would then broadcast its weight over the batch (a bmm several times slower on CPU than the
+    one matrix product the copy gets)."""
+    return torch.arange(embeds.shape[1] - count, embeds.shape[1], device=embeds.device)
+
+
 def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                      **loss_kwargs) -> Tensor:
     """The LM loss on `labels` of the text read after the soft `prompts`. A causal LM computes
@@ -54,8 +62,8 @@ def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attenti
                                             reduction="sum")
         return total / loss_kwargs.get("num_items_in_batch", (labels != IGNORE_INDEX).sum())
     labels = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
-    return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1],
-               **loss_kwargs).loss
+    return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+               logits_to_keep=last_positions(labels.shape[1], embeds), **loss_kwargs).loss
 
 
 class VisionLanguageModel(nn.Module):
@@ -174,7 +182,8 @@ class VisionLanguageModel(nn.Module):
             embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
             if self.is_encoder_decoder:
                 return self.llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
-            return self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
+            return self.llm(inputs_embeds=embeds, attention_mask=mask,
+                            logits_to_keep=last_positions(input_ids.shape[1], embeds)).logits
 
         out = self._run(run, prompts, modalities)
         return (out, prompts) if return_prompts else out

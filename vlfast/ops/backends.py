@@ -1,7 +1,8 @@
 """Backend selection shared by all ops.
 
 Every op has four backends: `triton` (fused Triton kernels), `cuda` and `cpu` (the C++ kernels of
-vlfast._C) and `torch` (plain PyTorch, also the reference). A backend is picked per call
+vlfast._C; `cpu` runs the CUDA kernels' arithmetic in scalar C++, to test it without a GPU, not for
+speed) and `torch` (plain PyTorch, what `auto` runs on CPU). A backend is picked per call
 (`backend=`), for a block of code (`use_backend`), or automatically. Each op describes, per
 backend, what it supports: `unsupported_reason(...)` returns why a backend cannot take an input,
 or None when it can.

@@ -1,9 +1,9 @@
 """`cross_attention`: softmax(scale q k^T + mask) v, the Q-Former's attention to image tokens.
 
-The public function checks its arguments, picks a backend and calls the custom op
-`vlfast::cross_attention_fwd`, whose autograd calls `vlfast::cross_attention_bwd`. Both are
-registered with torch.library (real, fake and autograd implementations), so they trace as single
-nodes under torch.compile.
+The public function checks its arguments and picks a backend. The kernels (triton, cuda, cpu) run
+behind the custom op `vlfast::cross_attention_fwd`, whose autograd calls `vlfast::cross_attention_bwd`.
+Both are registered with torch.library (real, fake and autograd implementations), so they trace as
+single nodes under torch.compile. The `torch` backend is PyTorch's scaled_dot_product_attention.
 """
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ from torch import Tensor
 from vlfast.ops.backends import HALF_DTYPES, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor
 from vlfast.ops.glue import kernel, register_backward
+from vlfast.ops.reference import cross_attention_sdpa
 
-# `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU by
-# benchmarks/test_cross_attention.py (the C++ kernel is scalar code, torch's batched matmuls are
-# not); on an H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: bf16
-# forward triton 54 us, eager 111 us; forward + backward cuda 611 us, triton 749 us, eager 907 us).
-PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("triton", "cuda")}
+# `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU SDPA (the
+# torch backend) by benchmarks/test_cross_attention.py; the cpu backend, scalar C++ with the CUDA
+# kernels' arithmetic, is there to test that arithmetic without a GPU, not for speed. On an H200 by
+# `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: bf16 forward triton 54 us,
+# eager 111 us; forward + backward cuda 611 us, triton 749 us, eager 907 us).
+PREFERENCE = {"cpu": ("torch",), "cuda": ("triton", "cuda")}
 SUPPORT = {
     "triton": Support(limits={"head dim": 256}, note="fp32 as 3-pass tf32"),
     "cuda": Support(HALF_DTYPES, {"head dim": 128}, note="tensor cores (sm_80+)",
                     dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
-    "cpu": Support(note="computed in fp32"),
-    "torch": Support(None, note="the reference"),
+    "cpu": Support(note="the CUDA kernels' arithmetic in scalar C++, for testing it (slow); computed in fp32"),
+    "torch": Support(None, note="F.scaled_dot_product_attention"),
 }
 register_op("cross_attention", SUPPORT, PREFERENCE)
 
@@ -38,7 +40,7 @@ def unsupported_reason(backend: str, q: Tensor) -> str | None:
 def cross_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) for contiguous inputs on the named backend; see `cross_attention`."""
+    """(out, lse) for contiguous inputs on the named kernel backend (triton, cuda, cpu); see `cross_attention`."""
     return kernel(backend, "cross_attention", "forward")(q, k, v, kv_mask, scale)
 
 
@@ -102,5 +104,7 @@ def cross_attention(
     chosen = resolve_backend(
         "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), PREFERENCE
     )
+    if chosen == "torch":
+        return cross_attention_sdpa(q, k, v, kv_mask, scale)
     out, _ = cross_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_mask, scale, chosen)
     return out

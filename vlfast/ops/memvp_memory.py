@@ -1,8 +1,9 @@
 """`memvp_memory`: MemVP's visual prompts as extra key/value rows of an FFN.
 
 out = scale * dropout(silu(x (z + key_pos)^T)) (z + value_pos), x (B, L, D), z (B, M, D),
-key_pos and value_pos (M, D). Same structure as cross_attention: checks, backend choice, and the
-custom ops `vlfast::memvp_memory_fwd` / `vlfast::memvp_memory_bwd` with autograd.
+key_pos and value_pos (M, D). Same structure as cross_attention: checks, backend choice, the
+kernels (triton, cuda, cpu) behind the custom ops `vlfast::memvp_memory_fwd` / `vlfast::memvp_memory_bwd`
+with autograd, and the `torch` backend in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ from torch import Tensor
 from vlfast.ops.backends import HALF_DTYPES, MAX_WIDTH, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor, draw_dropout_seed
 from vlfast.ops.glue import kernel, register_backward
+from vlfast.ops.reference import memvp_memory_torch
 
-# `auto`'s order per device type, fastest first: on CPU by benchmarks/test_memvp_memory.py; on an
-# H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: at B=8 L=512 M=320
+# `auto`'s order per device type, fastest first: on CPU by benchmarks/test_memvp_memory.py (the cpu
+# backend runs the CUDA kernels' arithmetic in scalar C++, to test it without a GPU); on an H200
+# by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: at B=8 L=512 M=320
 # D=4096 bf16 the forward took 130 us in plain PyTorch, 1105 us in triton, 18.8 ms in cuda; the
 # rewritten Triton kernels, in the rerun: forward 145 us against 131, forward + backward 1188 us
 # against 568): plain PyTorch.
-PREFERENCE = {"cpu": ("torch", "cpu"), "cuda": ("torch",)}
+PREFERENCE = {"cpu": ("torch",), "cuda": ("torch",)}
 SUPPORT = {
     "triton": Support(limits={"D": MAX_WIDTH}, note="any M; fp32 as 3-pass tf32"),
     "cuda": Support(HALF_DTYPES, {"D": MAX_WIDTH}, note="tensor cores (sm_80+); any M, in tiles sized to the GPU's "
                     "shared memory", dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
-    "cpu": Support(limits={"D": MAX_WIDTH}, note="computed in fp32"),
-    "torch": Support(None, note="the reference"),
+    "cpu": Support(limits={"D": MAX_WIDTH}, note="the CUDA kernels' arithmetic in scalar C++, for testing it (slow); "
+                                               "computed in fp32"),
+    "torch": Support(None, note="plain PyTorch in fp32, autograd"),
 }
 register_op("memvp_memory", SUPPORT, PREFERENCE)
 
@@ -38,7 +42,7 @@ def memvp_memory_fwd(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int,
     backend: str,
 ) -> Tensor:
-    """The forward on the named backend, for contiguous inputs; see `memvp_memory`."""
+    """The forward on the named kernel backend (triton, cuda, cpu), for contiguous inputs; see `memvp_memory`."""
     return kernel(backend, "memvp_memory", "forward")(x, z, key_pos, value_pos, scale, dropout_p, seed)
 
 
@@ -103,5 +107,7 @@ def memvp_memory(
     chosen = resolve_backend(
         "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), PREFERENCE
     )
+    if chosen == "torch":
+        return memvp_memory_torch(x, z, key_pos, value_pos, float(scale), float(dropout_p), seed)
     return memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),
                             float(scale), float(dropout_p), seed, chosen)

@@ -1,52 +1,31 @@
-"""Plain PyTorch versions of every op: the `torch` backend and the tests' oracle.
+"""Plain PyTorch versions of every op: the `torch` backend and the tests' oracles (`*_autograd`).
 
-Each forward returns what the fused kernels save for their backward (here: the row log-sum-exp), and
-each backward is written from the same formulas the kernels use, so the `torch` backend can sit
-behind the same custom op as the others.
+routed_adapter's forward and backward are written from the same formulas the kernels use, so its
+`torch` backend sits behind the same custom op as the others. cross_attention's is PyTorch's own
+fused attention (SDPA) and memvp_memory's the plain formula, both differentiated by autograd: on CPU
+faster than a custom op around a hand-written backward (benchmarks/test_cross_attention.py,
+benchmarks/test_memvp_memory.py).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vlfast.kernels.utils import dropout_threshold
 
 
-def _masked_logits(q: Tensor, k: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if kv_mask is not None:
-        logits = logits.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
-    return logits
-
-
-def cross_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
-    """softmax(scale q k^T, masked) v in fp32 (fp64 for fp64 inputs); also returns the row
-    log-sum-exp, +inf for rows whose keys are all masked (their output is 0)."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = _masked_logits(q.to(compute), k.to(compute), kv_mask, scale)
-    lse = torch.logsumexp(logits, dim=-1)
-    empty = torch.isneginf(lse)
-    lse = lse.masked_fill(empty, float("inf"))
-    probs = torch.exp(logits - lse[..., None])
-    out = torch.matmul(probs, v.to(compute))
-    return out.to(q.dtype), lse.float()
-
-
-def cross_attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None,
-    out: Tensor, lse: Tensor, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_, k_, v_, do_ = (t.to(compute) for t in (q, k, v, dout))
-    probs = torch.exp(_masked_logits(q_, k_, kv_mask, scale) - lse.to(compute)[..., None])
-    delta = (do_ * out.to(compute)).sum(-1, keepdim=True)
-    dv = torch.matmul(probs.transpose(-1, -2), do_)
-    dscores = probs * (torch.matmul(do_, v_.transpose(-1, -2)) - delta) * scale
-    dq = torch.matmul(dscores, k_)
-    dk = torch.matmul(dscores.transpose(-1, -2), q_)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def cross_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
+    """The `torch` backend: PyTorch's scaled_dot_product_attention, differentiated by autograd."""
+    if kv_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.device.type == "cpu":  # torch >= 2.5 gives a query with no visible key zeros and zero gradients here
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], scale=scale)
+    # CUDA's memory-efficient kernel gives such rows NaN: their sample attends to every key, then is zeroed
+    # (masked_fill zeroes its gradients too).
+    empty = ~kv_mask.any(dim=-1)[:, None]  # (B, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(kv_mask | empty)[:, None, None, :], scale=scale)
+    return out.masked_fill(empty[:, :, None, None], 0.0)
 
 
 def cross_attention_autograd(
@@ -87,47 +66,6 @@ def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device: torch
 # --- memvp_memory ------------------------------------------------------------------------------
 
 
-def _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed):
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x_, z_ = x.to(compute), z.to(compute)
-    keys = z_ + key_pos.to(compute)
-    values = z_ + value_pos.to(compute)
-    pre = torch.matmul(x_, keys.transpose(-1, -2))  # (B, L, M)
-    keep = None
-    if dropout_p > 0:
-        keep = dropout_keep_mask(seed, tuple(pre.shape), dropout_p, x.device).to(compute) / (1.0 - dropout_p)
-    return x_, keys, values, pre, keep
-
-
-def memvp_memory_forward(
-    x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
-) -> Tensor:
-    _, _, values, pre, keep = _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed)
-    hidden = torch.nn.functional.silu(pre)
-    if keep is not None:
-        hidden = hidden * keep
-    return (scale * torch.matmul(hidden, values)).to(x.dtype)
-
-
-def memvp_memory_backward(
-    dout: Tensor, x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor,
-    scale: float, dropout_p: float, seed: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x_, keys, values, pre, keep = _memvp_parts(x, z, key_pos, value_pos, dropout_p, seed)
-    do = dout.to(x_.dtype)
-    sig = torch.sigmoid(pre)
-    hidden = pre * sig
-    dhidden = scale * torch.matmul(do, values.transpose(-1, -2))
-    dpre = dhidden * sig * (1 + pre * (1 - sig))  # silu'(a) = s (1 + a (1 - s))
-    if keep is not None:
-        hidden, dpre = hidden * keep, dpre * keep
-    dx = torch.matmul(dpre, keys)
-    dkeys = torch.matmul(dpre.transpose(-1, -2), x_)  # (B, M, D)
-    dvalues = scale * torch.matmul(hidden.transpose(-1, -2), do)
-    return (dx.to(x.dtype), (dkeys + dvalues).to(z.dtype), dkeys.sum(0).to(key_pos.dtype),
-            dvalues.sum(0).to(value_pos.dtype))
-
-
 def memvp_memory_autograd(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float = 1.0,
     keep_mask: Tensor | None = None, dropout_p: float = 0.0,
@@ -138,6 +76,20 @@ def memvp_memory_autograd(
     if keep_mask is not None:
         hidden = hidden * keep_mask / (1.0 - dropout_p)
     return scale * torch.matmul(hidden, z + value_pos)
+
+
+def memvp_memory_torch(
+    x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
+) -> Tensor:
+    """The `torch` backend: the formula in fp32 (fp64 for fp64 inputs) with the dropout mask every
+    backend draws, differentiated by autograd, which keeps the (B, L, M) activations (and for half
+    inputs an fp32 copy of x) where the kernels' backward recomputes them."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1], z.shape[1]), dropout_p, x.device)
+    out = memvp_memory_autograd(*(t.to(compute) for t in (x, z, key_pos, value_pos)), scale, keep, dropout_p)
+    return out.to(x.dtype)
 
 
 # --- routed_adapter ----------------------------------------------------------------------------
