@@ -66,6 +66,12 @@ def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attenti
                logits_to_keep=last_positions(labels.shape[1], embeds), **loss_kwargs).loss
 
 
+def _checkpointing(llm: nn.Module) -> bool:
+    """Whether transformers recomputes some of the LLM's layers (its own property for this was renamed in
+    transformers 5: is_gradient_checkpointing -> is_activation_checkpointing)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in llm.modules())
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
                  mma: dict | None = None, tokenizer=None, llm_dtype: str | None = None) -> None:
@@ -127,7 +133,7 @@ class VisionLanguageModel(nn.Module):
         self.vpg.qformer.gradient_checkpointing = enabled
         if enabled:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.llm.is_gradient_checkpointing:
+        elif _checkpointing(self.llm):
             self.llm.gradient_checkpointing_disable()
 
     def release_llm(self) -> nn.Module:
@@ -137,7 +143,7 @@ class VisionLanguageModel(nn.Module):
             revert_mma(self.llm)
         if is_patched(self.llm, "memvp"):
             revert_memvp(self.llm)
-        if self.llm.is_gradient_checkpointing:
+        if _checkpointing(self.llm):
             self.llm.gradient_checkpointing_disable()
         return self.llm.requires_grad_(False)
 
