@@ -132,6 +132,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"vlfast.kernels": "kernels"},
+    package_data={"vlfast": ["default_lms/*.safetensors"]},  # the default LMs' pretrained weights
     ext_modules=extension_modules(),
     cmdclass={"build_ext": build_ext_class()},
     install_requires=[

@@ -7,12 +7,16 @@
   after the scene in words (`large red circle top left <bos> a large red circle <eos>`), so that
   they learn to read earlier context, which is what a VPG's prompts become (SPEC.md section 9).
 
-Built on first use on the CPU and cached under $VLFAST_CACHE (default ~/.cache/vlfast)/defaults
-with a manifest; later calls load them. Each part is written to a temporary folder and renamed,
-so an interrupted build never leaves a half-written part behind.
+The LMs' pretrained weights ship with the package (vlfast/default_lms/, fp16, written by
+`python -m vlfast.defaults pretrain`): pretrained on each machine, they came out differently on
+different CPUs' floating point and so did the experiment's speed-up. Built on first use and cached
+under $VLFAST_CACHE (default ~/.cache/vlfast)/defaults with a manifest; later calls load them. Each
+part is written to a temporary folder and renamed, so an interrupted build never leaves a
+half-written part behind.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -26,7 +30,7 @@ from tqdm import tqdm
 
 from vlfast.data.shapes import Scene, make_scene, vocabulary
 
-VERSION = 3  # part of the cache path: a new version never loads an older build
+VERSION = 4  # part of the cache path: a new version never loads an older build
 DEFAULT = "default"  # the value of a setting (an LLM, a vision tower) that names the embedded default part
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -48,6 +52,9 @@ LMS = {
     "source": LMSpec(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=352, steps=300, seed=1),
     "target": LMSpec(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=688, steps=300, seed=2),
 }
+
+
+SHIPPED = Path(__file__).parent / "default_lms"  # <name>.safetensors: the pretrained LMs, with their LMSpec
 
 
 def cache_home() -> Path:
@@ -115,7 +122,7 @@ def pretraining_text(rng: np.random.Generator) -> str:
     return f"{prefix}<bos> {body} <eos>"
 
 
-def _train_lm(spec: LMSpec, tokenizer, directory: Path, progress: tqdm) -> None:
+def _new_lm(spec: LMSpec, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(spec.seed)
@@ -125,7 +132,12 @@ def _train_lm(spec: LMSpec, tokenizer, directory: Path, progress: tqdm) -> None:
                          max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def _pretrain(spec: LMSpec, tokenizer, progress: tqdm):
+    """The LM of `spec`, pretrained on the caption language; returns it and its last batch's loss."""
+    model = _new_lm(spec, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = np.random.default_rng(spec.seed)
     for step in range(spec.steps):
@@ -140,12 +152,30 @@ def _train_lm(spec: LMSpec, tokenizer, directory: Path, progress: tqdm) -> None:
             group["lr"] = 3e-3 * (1 - 0.9 * (step + 1) / spec.steps)
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval().save_pretrained(directory)
-    (directory / "final_loss.json").write_text(json.dumps({"loss": loss.item()}))
+    return model.eval(), loss.item()
+
+
+def _shipped_metadata(spec: LMSpec, tokenizer) -> dict[str, str]:
+    """What a shipped weights file must have been pretrained as to stand in for `spec`'s LM."""
+    return {"spec": json.dumps(asdict(spec), sort_keys=True), "vocabulary": json.dumps(sorted(tokenizer.get_vocab()))}
+
+
+def _shipped_state(name: str, spec: LMSpec, tokenizer) -> dict[str, torch.Tensor] | None:
+    """The shipped pretrained weights of LM `name`, if they were pretrained as `spec` for this tokenizer."""
+    from safetensors import safe_open
+
+    path = SHIPPED / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as weights:
+        if weights.metadata() != {**_shipped_metadata(spec, tokenizer), "name": name}:
+            return None
+        return {key: weights.get_tensor(key).float() for key in weights.keys()}
 
 
 def default_lm(name: str, root: Path | None = None, dtype: torch.dtype = torch.float32):
-    """The embedded 'source' or 'target' LM (trained once, then loaded in `dtype`), frozen, in eval mode."""
+    """The embedded 'source' or 'target' LM (the shipped weights, or pretrained here where the spec
+    differs from theirs; built once, then loaded in `dtype`), frozen, in eval mode."""
     from transformers import LlamaForCausalLM
 
     if name not in LMS:
@@ -155,11 +185,38 @@ def default_lm(name: str, root: Path | None = None, dtype: torch.dtype = torch.f
     spec = LMS[name]
 
     def build(directory: Path) -> None:
-        with tqdm(total=spec.steps, desc=f"pretraining the {name} LM", leave=False) as progress:
-            _train_lm(spec, tokenizer, directory, progress)
+        state = _shipped_state(name, spec, tokenizer)
+        if state is None:
+            with tqdm(total=spec.steps, desc=f"pretraining the {name} LM", leave=False) as progress:
+                model, _ = _pretrain(spec, tokenizer, progress)
+        else:
+            model = _new_lm(spec, tokenizer)
+            model.load_state_dict(state)
+        model.eval().save_pretrained(directory)
 
     path = _atomic_build(root / f"lm-{name}", build)
     return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
+
+
+def pretrain_shipped(directory: Path = SHIPPED) -> dict[str, float]:
+    """Pretrains every LM of LMS and writes the files that ship with the package (fp16, with the spec
+    they were pretrained as); returns each one's last batch's loss."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer, losses = shapes_tokenizer(), {}
+    for name, spec in LMS.items():
+        with tqdm(total=spec.steps, desc=f"pretraining the {name} LM") as progress:
+            model, losses[name] = _pretrain(spec, tokenizer, progress)
+        state = {key: value.contiguous() for key, value in model.state_dict().items()}
+        largest = max(value.abs().max().item() for value in state.values())
+        if largest > torch.finfo(torch.float16).max:
+            raise ValueError(f"the {name} LM has a weight of {largest:g}, beyond fp16's range")
+        partial = directory / f"{name}.safetensors.partial"
+        save_file({key: value.half() for key, value in state.items()}, partial,
+                  metadata={**_shipped_metadata(spec, tokenizer), "name": name})
+        partial.rename(directory / f"{name}.safetensors")
+    return losses
 
 
 def default_vision_tower(root: Path | None = None):
@@ -225,3 +282,17 @@ def build_all(root: Path | None = None) -> dict:
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlfast.defaults", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="pretrain the default LMs and write the weights the package ships")
+    pretrain.add_argument("--output", type=Path, default=SHIPPED, help=f"their folder (default: {SHIPPED})")
+    args = parser.parse_args(argv)
+    for name, loss in pretrain_shipped(args.output).items():
+        print(f"{name}: last batch's loss {loss:.3f} -> {args.output / name}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
