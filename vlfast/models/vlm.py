@@ -72,6 +72,19 @@ def _checkpointing(llm: nn.Module) -> bool:
     return any(getattr(module, "gradient_checkpointing", False) for module in llm.modules())
 
 
+def _set_checkpointing(llm: nn.Module, enabled: bool) -> None:
+    """transformers' switch, by its newer name where it has one (gradient_* is deprecated in 5)."""
+    if hasattr(llm, "activation_checkpointing_enable"):
+        if enabled:
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.activation_checkpointing_disable()
+    elif enabled:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_disable()
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision_tower: nn.Module | None, vpg: VPG, llm: nn.Module, *, connector: str = "input",
                  mma: dict | None = None, tokenizer=None, llm_dtype: str | None = None) -> None:
@@ -131,10 +144,8 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("gradient checkpointing needs the input connector and no MMA adapters: MemVP's prompts "
                              "and the adapters' routing are gone when the backward pass recomputes the LLM's layers")
         self.vpg.qformer.gradient_checkpointing = enabled
-        if enabled:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif _checkpointing(self.llm):
-            self.llm.gradient_checkpointing_disable()
+        if enabled or _checkpointing(self.llm):
+            _set_checkpointing(self.llm, enabled)
 
     def release_llm(self) -> nn.Module:
         """Undo this model's patches on the LLM (last applied first), so that it can join another
@@ -144,7 +155,7 @@ class VisionLanguageModel(nn.Module):
         if is_patched(self.llm, "memvp"):
             revert_memvp(self.llm)
         if _checkpointing(self.llm):
-            self.llm.gradient_checkpointing_disable()
+            _set_checkpointing(self.llm, False)
         return self.llm.requires_grad_(False)
 
     def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
