@@ -36,6 +36,19 @@ def make_inputs(shape):
     return (x, z, key_pos, value_pos), dout
 
 
+def oracle_and_kernel(backend: str, dropout_p: float, keep):
+    """The autograd reference with dropout mask `keep`, and the backend's op drawing that mask (seed 7)."""
+
+    def oracle(*t):
+        return memvp_memory_autograd(*t, scale=SCALE, keep_mask=keep, dropout_p=dropout_p)
+
+    def kernel(*t):
+        return memvp_memory(*t, scale=SCALE, dropout_p=dropout_p, generator=torch.Generator().manual_seed(7),
+                            backend=backend)
+
+    return oracle, kernel
+
+
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -45,13 +58,7 @@ def test_matches_float64_reference(backend, dtype, shape, dropout_p):
     # The reference sees the same dtype-rounded inputs, so only the computation's error is compared.
     tensors, dout = [t.to(dtype).double() for t in tensors], dout.to(dtype).double()
     keep = dropout_keep_mask(seed_of(7), (shape[0], shape[1], shape[2]), dropout_p) if dropout_p else None
-
-    def oracle(*t):
-        return memvp_memory_autograd(*t, scale=SCALE, keep_mask=keep, dropout_p=dropout_p)
-
-    def kernel(*t):
-        return memvp_memory(*t, scale=SCALE, dropout_p=dropout_p, generator=torch.Generator().manual_seed(7),
-                            backend=backend)
+    oracle, kernel = oracle_and_kernel(backend, dropout_p, keep)
 
     ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
     plain_out, plain_grads = forward_backward(oracle, tensors, dout, dtype)
@@ -76,13 +83,7 @@ def test_fp16_intermediates_do_not_overflow(backend, large, dropout_p):
     dims = dict(zip("BLMD", shape, strict=True))
     tensors, dout = memvp_fp16_overflow_inputs(dims, large, torch.Generator().manual_seed(0))
     keep = dropout_keep_mask(seed_of(7), shape[:3], dropout_p) if dropout_p else None
-
-    def oracle(*t):
-        return memvp_memory_autograd(*t, scale=SCALE, keep_mask=keep, dropout_p=dropout_p)
-
-    def kernel(*t):
-        return memvp_memory(*t, scale=SCALE, dropout_p=dropout_p, generator=torch.Generator().manual_seed(7),
-                            backend=backend)
+    oracle, kernel = oracle_and_kernel(backend, dropout_p, keep)
 
     ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
     fp16_out, fp16_grads = forward_backward(oracle, tensors, dout, torch.float16)
