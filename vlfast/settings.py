@@ -67,4 +67,5 @@ def config_to_run(cls: type, given: dict, resume: bool, machine: tuple[str, ...]
     if conflicts:
         raise ValueError(f"--resume: {', '.join(f'{k}={v!r}' for k, v in conflicts.items())} differ from the run's "
                          f"{path}; resume with the same settings")
-    return dataclasses.replace(saved, **{k: getattr(config, k) for k in machine})
+    # The run is where it is now: a moved or copied output directory resumes in place.
+    return dataclasses.replace(saved, output_dir=config.output_dir, **{k: getattr(config, k) for k in machine})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -121,6 +122,13 @@ def test_output_dir_of_another_run(tiny_defaults, tmp_path):
         main(["--preset", "smoke", "--resume", "--seed", "5", "--output-dir", out])
     with pytest.raises(SystemExit, match="holds no run to resume"):
         main(["--resume", "--output-dir", str(tmp_path / "empty")])
+    # A copied run resumes where it now is, not in the directory its saved settings name.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (tmp_path / "run" / "report.json").unlink()
+    main(["--resume", "--output-dir", str(copy)])
+    assert (copy / "report.json").is_file() and not (tmp_path / "run" / "report.json").exists()
+    assert yaml.safe_load((copy / "config.yaml").read_text())["output_dir"] == str(copy)
 
 
 def _kill_when_checkpointed(cache, out, signum, run="transfer") -> subprocess.CompletedProcess:
