@@ -155,9 +155,10 @@ def _pretrain(spec: LMSpec, tokenizer, progress: tqdm):
     return model.eval(), loss.item()
 
 
-def _shipped_metadata(spec: LMSpec, tokenizer) -> dict[str, str]:
-    """What a shipped weights file must have been pretrained as to stand in for `spec`'s LM."""
-    return {"spec": json.dumps(asdict(spec), sort_keys=True), "vocabulary": json.dumps(sorted(tokenizer.get_vocab()))}
+def _shipped_metadata(name: str, spec: LMSpec, tokenizer) -> dict[str, str]:
+    """What a shipped weights file must have been pretrained as to stand in for LM `name` of `spec`."""
+    return {"name": name, "spec": json.dumps(asdict(spec), sort_keys=True),
+            "vocabulary": json.dumps(sorted(tokenizer.get_vocab()))}
 
 
 def _shipped_state(name: str, spec: LMSpec, tokenizer) -> dict[str, torch.Tensor] | None:
@@ -168,9 +169,9 @@ def _shipped_state(name: str, spec: LMSpec, tokenizer) -> dict[str, torch.Tensor
     if not path.is_file():
         return None
     with safe_open(path, "pt") as weights:
-        if weights.metadata() != {**_shipped_metadata(spec, tokenizer), "name": name}:
+        if weights.metadata() != _shipped_metadata(name, spec, tokenizer):
             return None
-        return {key: weights.get_tensor(key).float() for key in weights.keys()}
+        return {key: weights.get_tensor(key) for key in weights.keys()}  # fp16: load_state_dict casts
 
 
 def default_lm(name: str, root: Path | None = None, dtype: torch.dtype = torch.float32):
@@ -214,7 +215,7 @@ def pretrain_shipped(directory: Path = SHIPPED) -> dict[str, float]:
             raise ValueError(f"the {name} LM has a weight of {largest:g}, beyond fp16's range")
         partial = directory / f"{name}.safetensors.partial"
         save_file({key: value.half() for key, value in state.items()}, partial,
-                  metadata={**_shipped_metadata(spec, tokenizer), "name": name})
+                  metadata=_shipped_metadata(name, spec, tokenizer))
         partial.rename(directory / f"{name}.safetensors")
     return losses
 

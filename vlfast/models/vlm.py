@@ -66,14 +66,11 @@ def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attenti
                logits_to_keep=last_positions(labels.shape[1], embeds), **loss_kwargs).loss
 
 
-def _checkpointing(llm: nn.Module) -> bool:
-    """Whether transformers recomputes some of the LLM's layers (its own property for this was renamed in
-    transformers 5: is_gradient_checkpointing -> is_activation_checkpointing)."""
-    return any(getattr(module, "gradient_checkpointing", False) for module in llm.modules())
-
-
 def _set_checkpointing(llm: nn.Module, enabled: bool) -> None:
-    """transformers' switch, by its newer name where it has one (gradient_* is deprecated in 5)."""
+    """Switch transformers' recomputation of the LLM's layers, by the newer names where transformers has them
+    (transformers 5 deprecates gradient_checkpointing_* and is_gradient_checkpointing)."""
+    if not enabled and not any(getattr(module, "gradient_checkpointing", False) for module in llm.modules()):
+        return  # nothing to switch off (and a model that cannot checkpoint would raise)
     if hasattr(llm, "activation_checkpointing_enable"):
         if enabled:
             llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -144,8 +141,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("gradient checkpointing needs the input connector and no MMA adapters: MemVP's prompts "
                              "and the adapters' routing are gone when the backward pass recomputes the LLM's layers")
         self.vpg.qformer.gradient_checkpointing = enabled
-        if enabled or _checkpointing(self.llm):
-            _set_checkpointing(self.llm, enabled)
+        _set_checkpointing(self.llm, enabled)
 
     def release_llm(self) -> nn.Module:
         """Undo this model's patches on the LLM (last applied first), so that it can join another
@@ -154,8 +150,7 @@ class VisionLanguageModel(nn.Module):
             revert_mma(self.llm)
         if is_patched(self.llm, "memvp"):
             revert_memvp(self.llm)
-        if _checkpointing(self.llm):
-            _set_checkpointing(self.llm, False)
+        _set_checkpointing(self.llm, False)
         return self.llm.requires_grad_(False)
 
     def visual_prompts(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
