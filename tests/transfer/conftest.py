@@ -30,10 +30,13 @@ def run_cli(cache: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProc
 
 
 def assert_same_vpgs(expected_dir: Path, actual_dir: Path, runs: tuple[str, ...] = ("source", "transfer")) -> None:
-    """The runs' trained VPGs agree (rtol 1e-4, atol 1e-5), except the cross-attention keys' biases:
+    """The runs' trained VPGs agree (rtol 1e-4, atol 5e-5), except the cross-attention keys' biases:
     softmax ignores a shift shared by all keys, so their gradient is zero up to rounding, and Adam,
     which divides by the gradient's own scale, turns that rounding into steps of the learning rate
-    that depend on the order of the sums (processes, accumulation)."""
+    that depend on the order of the sums (processes, accumulation). Other parameters with a gradient
+    near zero drift the same way, less: two processes against one, on a 2-core AMD EPYC (MKL), left
+    one transfer-run element of 24,576 1.6e-5 apart; one process training on half the batch alone (what
+    processes that never average would do) ends 0.08 apart."""
     for run in runs:
         expected = load_file(str(expected_dir / run / "vpg" / "model.safetensors"))
         actual = load_file(str(actual_dir / run / "vpg" / "model.safetensors"))
@@ -44,4 +47,4 @@ def assert_same_vpgs(expected_dir: Path, actual_dir: Path, runs: tuple[str, ...]
             if name.endswith("cross_key_value.bias"):  # per cross-attention layer: keys, then values
                 values = torch.arange(tensor.numel()) // width % 2 == 1
                 tensor, got = tensor[values], got[values]
-            torch.testing.assert_close(got, tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+            torch.testing.assert_close(got, tensor, rtol=1e-4, atol=5e-5, msg=f"{run} {name}")
