@@ -1,6 +1,8 @@
 """VisionLanguageModel on the shapes data with tiny Llama / OPT LLMs saved and reloaded."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Blip2VisionModel
@@ -9,9 +11,9 @@ from tests.data.test_coco_and_collate import word_tokenizer
 from tests.tiny_models import TINY_MODELS
 from vlfast.data.collate import CaptionCollator
 from vlfast.data.shapes import ShapesDataset
-from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig
+from vlfast.models import VPG, QFormerConfig, VisionLanguageModel, VPGConfig, vlm
 from vlfast.models.vision import tiny_vision_tower, tower_features
-from vlfast.models.vlm import LLM_DTYPES
+from vlfast.models.vlm import LLM_DTYPES, length_groups
 
 WORDS = ["a", "red", "circle", "describe", "the", "image", ":"]
 
@@ -173,3 +175,46 @@ def test_labelled_tokens_are_what_the_loss_scores(parts, connector):
         summed = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],
                        num_items_in_batch=model.labelled_tokens(b["labels"]))
     torch.testing.assert_close(summed, mean)
+
+
+def test_length_groups_leave_the_fewest_padded_positions():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator)
+        mask = (torch.arange(12) < lengths[:, None]).long()
+        groups = length_groups(mask, most=3)
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        padded = sum(len(rows) * int(lengths[rows].max()) for rows in groups)
+        ordered = sorted(lengths.tolist())  # brute force: every cut of the sorted lengths into at most 3 groups
+        best = min(sum((b - a) * ordered[b - 1] for a, b in zip((0, *cuts), (*cuts, len(ordered)), strict=True)
+                       if b > a)
+                   for cuts in itertools.combinations_with_replacement(range(len(ordered) + 1), 2))
+        assert len(groups) <= 3 and padded == best
+
+
+@pytest.mark.parametrize("connector, mma", [("input", None), ("memory", None), ("input", {"rank": 4})])
+def test_rows_run_in_length_groups_as_one_padded_batch(parts, connector, mma, monkeypatch):
+    """The loss and every trained gradient are those of the whole padded batch run at once."""
+    tower, llm, config = parts
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tower, VPG(config), llm, connector=connector, mma=mma, tokenizer=word_tokenizer())
+    collate = CaptionCollator(word_tokenizer())
+    captions = ["a red circle", "a circle", "red", "a red circle a circle", "circle", "a red red circle"]
+    prompts = ["describe the image :", "", "the image :", "", "describe :", "image"]
+    b = collate.tokenize(captions, prompts)
+    pixels = batch(collate, 0, size=len(captions))["pixel_values"]
+    assert len(vlm.length_groups(b["attention_mask"])) > 1
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=pixels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    grouped, grouped_gradients = loss_and_gradients()
+    monkeypatch.setattr(vlm, "length_groups", lambda mask: [torch.arange(len(mask))])
+    whole, gradients = loss_and_gradients()
+    torch.testing.assert_close(grouped, whole)
+    assert grouped_gradients.keys() == gradients.keys() and len(gradients) > 4
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(grouped_gradients[name], gradient, msg=name)

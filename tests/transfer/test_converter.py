@@ -5,7 +5,6 @@ from tests.data.test_coco_and_collate import word_tokenizer
 from vlfast.transfer.converter import (
     cosine_loss,
     merge_projector,
-    shared_vocabulary_pairs,
     token_pairs,
     train_word_converter,
 )
@@ -16,7 +15,7 @@ def test_converter_learns_a_linear_map_between_embedding_spaces():
     source = torch.randn(300, 16)
     hidden_map = torch.randn(24, 16)
     target = source @ hidden_map.T + 0.01 * torch.randn(300, 24)
-    pairs = shared_vocabulary_pairs(300)
+    pairs = torch.arange(300).repeat(2, 1).T  # every row with itself
     untrained = torch.nn.Linear(16, 24)
     converter = train_word_converter(source, target, pairs, epochs=8)
     assert cosine_loss(converter, source, target, pairs) < 0.02 < cosine_loss(untrained, source, target, pairs)
@@ -45,9 +44,11 @@ class SplitTokenizer:
 
 def test_token_pairs_within_and_across_tokenizers():
     tokenizer = word_tokenizer()
-    same = token_pairs(tokenizer, tokenizer, ["a red circle", "the image"])
-    assert all(s == t for s, t in same.tolist()) and len(same) == 5
-    across = token_pairs(tokenizer, SplitTokenizer(tokenizer), ["a red circle", "describe the image"])
-    assert len(across) == 3  # only the second caption has equal lengths
+    same = token_pairs(tokenizer, tokenizer, ["a red circle", "the image", "a circle"])
+    assert all(s == t for s, t in same.tolist()) and len(same) == 7  # every occurrence: 'a' and 'circle' twice
+    across = token_pairs(tokenizer, SplitTokenizer(tokenizer), ["a red circle", "describe the image", "the red"])
+    assert len(across) == 5  # the first caption has unequal lengths
+    assert across.tolist() == [[tokenizer(w, add_special_tokens=False)["input_ids"][0]] * 2
+                               for w in ["describe", "the", "image", "the", "red"]]
     with pytest.raises(ValueError, match="no token pairs"):
         token_pairs(tokenizer, SplitTokenizer(tokenizer), ["a circle"])

@@ -12,6 +12,7 @@ it are never opened, and the samples of its shard before `offset` are read but n
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -226,22 +227,38 @@ class ShardSource(Source):
 
 
 def _shuffled_samples(shard: str, errors: ErrorCounter, *seed: int) -> Iterator[dict]:
-    """A local tar shard's samples in a seeded order: its headers are read first, then each sample's
-    files by seeking, so that no more than one sample is in memory."""
+    """A local tar shard's samples in a seeded order: each sample's files are read by seeking to
+    them (the shard's table of contents is read once and kept, see `_table_of_contents`), so that
+    no more than one sample is in memory."""
     try:
-        with tarfile.open(shard) as tar:
-            grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar.getmembers():
-                if member.isfile():  # webdataset's grouping: the key ends at the base name's first dot
-                    folder, _, base = member.name.rpartition("/")
-                    key, _, extension = base.partition(".")
-                    grouped.setdefault(f"{folder}/{key}" if folder else key, {})[extension] = member
-            keys = list(grouped)
-            for i in _permutation(len(keys), *seed):
-                yield {"__key__": keys[i]} | {extension: tar.extractfile(member).read()
-                                              for extension, member in grouped[keys[i]].items()}
+        contents = _table_of_contents(shard, os.stat(shard).st_mtime_ns)
+        with open(shard, "rb") as stream:
+            for i in _permutation(len(contents), *seed):
+                key, files = contents[i]
+                sample = {"__key__": key}
+                for extension, offset, size in files:
+                    stream.seek(offset)
+                    sample[extension] = stream.read(size)
+                yield sample
     except (tarfile.TarError, OSError) as error:
         errors(shard, "(tar stream)", f"unreadable tar data, the rest of the shard is lost: {error!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _table_of_contents(shard: str, mtime_ns: int) -> tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...]:
+    """(key, ((extension, offset, size), ...)) of each sample of a tar shard, grouped as webdataset
+    groups files (the key ends at the base name's first dot). Parsing the tar headers costs more
+    than reading the small samples of the feature cache, so the last 256 shards' tables are kept
+    (a few hundred KB each; `mtime_ns` retires a rewritten shard's)."""
+    grouped: dict[str, list[tuple[str, int, int]]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                folder, _, base = member.name.rpartition("/")
+                key, _, extension = base.partition(".")
+                grouped.setdefault(f"{folder}/{key}" if folder else key, []).append(
+                    (extension, member.offset_data, member.size))
+    return tuple((key, tuple(files)) for key, files in grouped.items())
 
 
 def _caption(raw: dict) -> str:

@@ -10,6 +10,9 @@ may be held in half precision (`llm_dtype`) while the VPG trains in float32.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +67,32 @@ def prompted_lm_loss(llm: nn.Module, prompts: Tensor, input_ids: Tensor, attenti
     labels = nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)
     return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels,
                logits_to_keep=last_positions(labels.shape[1], embeds), **loss_kwargs).loss
+
+
+def length_groups(attention_mask: Tensor, most: int = 4) -> list[Tensor]:
+    """The rows of a right-padded batch cut into at most `most` groups of similar length, chosen to
+    leave the fewest padded positions when each group is cut to its longest row: short rows
+    (captions) then do not pay for long ones (questions). Row indices, shortest group first."""
+    lengths = attention_mask.sum(dim=1)
+    values, counts = (t.tolist() for t in torch.unique(lengths, return_counts=True))  # ascending
+    rows_below = [0, *itertools.accumulate(counts)]  # rows_below[i]: the rows shorter than values[i]
+    # fewest[g][i]: the fewest positions the rows of the i shortest lengths take in g groups; start[g][i]: where
+    # the last of those groups starts (it holds lengths start..i-1, all cut to values[i - 1])
+    fewest = [[0] + [math.inf] * len(values) for _ in range(most + 1)]
+    start = [[0] * (len(values) + 1) for _ in range(most + 1)]
+    for g in range(1, most + 1):
+        for i in range(1, len(values) + 1):
+            for j in range(i):
+                total = fewest[g - 1][j] + (rows_below[i] - rows_below[j]) * values[i - 1]
+                if total < fewest[g][i]:
+                    fewest[g][i], start[g][i] = total, j
+    bounds, i = [], len(values)
+    for g in range(most, 0, -1):
+        if i == 0:
+            break
+        bounds.append((values[start[g][i]], values[i - 1]))
+        i = start[g][i]
+    return [torch.nonzero((lengths >= low) & (lengths <= high)).flatten() for low, high in reversed(bounds)]
 
 
 def _set_checkpointing(llm: nn.Module, enabled: bool) -> None:
@@ -183,14 +212,24 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids")
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
+        if labels is not None and not self.is_encoder_decoder:
+            groups = length_groups(attention_mask)
+            if len(groups) > 1:  # each group's loss as its part of the whole batch's
+                count = self.labelled_tokens(labels) if num_items_in_batch is None else num_items_in_batch
+                loss = 0
+                for rows in groups:
+                    width = int(attention_mask[rows].sum(dim=1).max())
+                    group_loss = partial(self._loss, input_ids[rows, :width], attention_mask[rows, :width],
+                                         labels[rows, :width], num_items_in_batch=count)
+                    loss = loss + self._run(group_loss, prompts[rows], [modalities[i] for i in rows.tolist()])
+                return (loss, prompts) if return_prompts else loss
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
 
         def run(prompts):
-            if self.connector == "memory":
-                out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **loss_kwargs)
-                return out.loss if labels is not None else out.logits
             if labels is not None:
-                return prompted_lm_loss(self.llm, prompts, input_ids, attention_mask, labels, **loss_kwargs)
+                return self._loss(input_ids, attention_mask, labels, prompts, **loss_kwargs)
+            if self.connector == "memory":
+                return self.llm(input_ids=input_ids, attention_mask=attention_mask).logits
             embeds, mask = prepend_prompts(self.llm, prompts, input_ids, attention_mask)
             if self.is_encoder_decoder:
                 return self.llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
@@ -199,6 +238,13 @@ class VisionLanguageModel(nn.Module):
 
         out = self._run(run, prompts, modalities)
         return (out, prompts) if return_prompts else out
+
+    def _loss(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, prompts: Tensor,
+              **loss_kwargs) -> Tensor:
+        """The LM loss of these rows after their prompts (inside the connector's context)."""
+        if self.connector == "memory":
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **loss_kwargs).loss
+        return prompted_lm_loss(self.llm, prompts, input_ids, attention_mask, labels, **loss_kwargs)
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pixel_values: Tensor | None = None,
                  image_features: Tensor | None = None, **generate_kwargs) -> Tensor:

@@ -1,7 +1,8 @@
 """VPGTrans's word converter and projector merge (SPEC.md section 6).
 
 The converter is one Linear(d_src, d_tgt) trained so that it maps the source LLM's input word
-embeddings onto the target's (loss 1 - cos, SGD lr 5, a few epochs). The target VPG's projector
+embeddings onto the target's (loss 1 - cos averaged over the tokens of caption text, SGD lr 5, a
+few epochs of that text). The target VPG's projector
 then starts as the converter applied after the source projector:
 W_t = W_conv W_src, b_t = W_conv b_src + b_conv.
 """
@@ -15,23 +16,25 @@ from tqdm import tqdm
 
 
 def token_pairs(source_tokenizer, target_tokenizer, captions: Iterable[str]) -> Tensor:
-    """(P, 2) source and target token ids that stand for the same text. With one tokenizer every
-    token pairs with itself; across tokenizers a caption counts only when both tokenisations have
-    the same length, and tokens pair by position."""
-    pairs = set()
+    """(P, 2) source and target token ids that stand for the same text, one row per occurrence in
+    the captions (the converter's loss is a mean over the caption text's tokens, so frequent words
+    weigh more and an epoch is a pass over the text). A caption counts only when both tokenisations
+    have the same length (always, with one tokenizer); its tokens pair by position."""
+    pairs = []
     for caption in captions:
         src = source_tokenizer(caption, add_special_tokens=False)["input_ids"]
         tgt = target_tokenizer(caption, add_special_tokens=False)["input_ids"]
         if len(src) == len(tgt):
-            pairs.update(zip(src, tgt, strict=True))
+            pairs += zip(src, tgt, strict=True)
     if not pairs:
         raise ValueError("no caption tokenises to the same length under both tokenizers: no token pairs")
-    return torch.tensor(sorted(pairs))
+    return torch.tensor(pairs)
 
 
 def train_word_converter(source_embeddings: Tensor, target_embeddings: Tensor, pairs: Tensor, *,
                          epochs: int = 8, lr: float = 5.0, batch_size: int = 256, seed: int = 0) -> nn.Linear:
-    """Linear(d_src, d_tgt) minimising 1 - cos(converter(e_src), e_tgt) over the token pairs."""
+    """Linear(d_src, d_tgt) minimising 1 - cos(converter(e_src), e_tgt) over the token pairs, in
+    `epochs` passes over them."""
     generator = torch.Generator().manual_seed(seed)
     source = source_embeddings.detach().float()[pairs[:, 0]]
     target = target_embeddings.detach().float()[pairs[:, 1]]
@@ -62,8 +65,3 @@ def merge_projector(converter: nn.Linear, source_projector: nn.Linear) -> nn.Lin
     merged.bias.copy_(converter.weight @ source_projector.bias + converter.bias)
     return merged
 
-
-def shared_vocabulary_pairs(size: int) -> Tensor:
-    """Pairs for two LLMs with one tokenizer: every token with itself."""
-    ids = torch.arange(size)
-    return torch.stack([ids, ids], dim=1)

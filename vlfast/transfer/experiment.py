@@ -30,7 +30,6 @@ from vlfast.transfer.config import TransferConfig
 from vlfast.transfer.converter import (
     cosine_loss,
     merge_projector,
-    shared_vocabulary_pairs,
     token_pairs,
     train_word_converter,
 )
@@ -168,10 +167,7 @@ def _projector_and_patches(model: VisionLanguageModel) -> list[nn.Parameter]:
 
 
 def _word_pairs(parts: Parts, data: TransferData, seed: int) -> torch.Tensor:
-    """The converter's token pairs: the shared vocabulary, or the tokens of an epoch's texts (at most
-    WORD_PAIR_TEXTS of them)."""
-    if parts.source_tokenizer.get_vocab() == parts.target_tokenizer.get_vocab():
-        return shared_vocabulary_pairs(len(parts.source_tokenizer))
+    """The converter's token pairs: every token of an epoch's texts (at most WORD_PAIR_TEXTS of them)."""
     texts = []
     for batch in data.train_loader(seed):
         texts += batch["captions"]

@@ -101,7 +101,7 @@ def table(report: dict) -> str:
         converter = report["converter"]
         per_step = ", ".join(f"{name} {run['seconds_per_step']:.2f} s/step" for name, run in runs.items()
                              if run["seconds_per_step"] is not None)
-        lines.append(f"\nword converter: {converter['token_pairs']} token pairs, "
+        lines.append(f"\nword converter: {converter['token_pairs']} token pairs (occurrences), "
                      f"1 - cos {converter['cosine_loss']:.3f}; {per_step}")
     if "speedup" in report:
         scratch, transfer = runs["scratch"], runs["transfer"]
