@@ -139,6 +139,8 @@ class VisionLanguageModel(nn.Module):
             check_tokenizer(tokenizer, llm)
         self.vision_tower = vision_tower.eval().requires_grad_(False) if vision_tower is not None else None
         self.vpg, self.llm, self.connector, self.tokenizer = vpg, llm, connector, tokenizer
+        # The loss runs the LLM once per group of rows of similar length (`length_groups`); off, once per batch.
+        self.length_grouping = True
         llm.requires_grad_(False)
         if llm_dtype is not None and llm.dtype != LLM_DTYPES[llm_dtype]:  # as loaded: keeps fp32 islands
             llm.to(LLM_DTYPES[llm_dtype])
@@ -212,7 +214,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids")
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
-        if labels is not None and not self.is_encoder_decoder:
+        if labels is not None and not self.is_encoder_decoder and self.length_grouping:
             groups = length_groups(attention_mask)
             if len(groups) > 1:  # each group's loss as its part of the whole batch's
                 count = self.labelled_tokens(labels) if num_items_in_batch is None else num_items_in_batch

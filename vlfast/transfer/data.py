@@ -56,12 +56,13 @@ class TransferData:
                                                                                                 config, processes)
         return cls(train, [s.ratio for s in specs], val, samples, config, processes)
 
-    def train_loader(self, seed: int) -> StreamLoader:
-        """This process's stream of training batches (its share of each global batch), one run's."""
-        world = self.processes.world
+    def train_loader(self, seed: int, whole: bool = False) -> StreamLoader:
+        """This process's stream of training batches (its share of each global batch), one run's;
+        `whole`: the whole global batches, as one process reads them (the same on every process)."""
+        world, rank = (1, 0) if whole else (self.processes.world, self.processes.rank)
         stream = Stream(self.train, self.ratios, batch_size=self.config.batch_size // world,
                         samples_per_epoch=self.samples_per_epoch, seed=seed, on_error=self.config.on_error,
-                        rank=self.processes.rank, world_size=world)
+                        rank=rank, world_size=world)
         return StreamLoader(stream, self.config.workers, pin_memory=self.processes.device.type == "cuda")
 
     def val_batches(self) -> StreamLoader:

@@ -167,9 +167,10 @@ def _projector_and_patches(model: VisionLanguageModel) -> list[nn.Parameter]:
 
 
 def _word_pairs(parts: Parts, data: TransferData, seed: int) -> torch.Tensor:
-    """The converter's token pairs: every token of an epoch's texts (at most WORD_PAIR_TEXTS of them)."""
+    """The converter's token pairs: every token of an epoch's texts (at most WORD_PAIR_TEXTS of them), the
+    whole epoch's on every process, so that every process trains the same converter."""
     texts = []
-    for batch in data.train_loader(seed):
+    for batch in data.train_loader(seed, whole=True):
         texts += batch["captions"]
         if len(texts) >= WORD_PAIR_TEXTS:
             break

@@ -87,6 +87,9 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     sharded = config.fsdp and processes.world > 1  # one process has nothing to shard: --fsdp does nothing then
     if sharded:  # before the parameters are listed: sharding replaces them
         fsdp.shard(model.llm, model.vpg, processes)
+        # Sharded layers gather their weights in collectives that every process must join equally often,
+        # while each process's rows fall into their own number of length groups: one LLM call per batch.
+        model.length_grouping = False
     trained = {id(p) for stage in stages for p in stage.trainable(model)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     network = model
