@@ -55,7 +55,7 @@ class TransferConfig:
     feature_cache: str = "default"
     epochs: int = 6  # budget of the transfer and the scratch run on the target LLM
     max_steps: int | None = None  # their budget in optimizer steps instead (split between stages as their epochs)
-    source_epochs: int = 10  # the source VPG's training, when it is trained here (not part of the transfer's cost)
+    source_epochs: int = 16  # the source VPG's training, when it is trained here (not part of the transfer's cost)
     batch_size: int = 64  # global: split across processes under torchrun
     grad_accum: int = 1  # batches accumulated per optimizer step: a step sees batch_size x grad_accum examples
     grad_checkpointing: bool = False  # recompute the Q-Former's and the frozen LLM's activations in the backward pass

@@ -78,7 +78,8 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     scores with the training seconds (wall_s, evaluation excluded) up to each, the training seconds
     and the steps. A compared run (transfer, scratch) trains for --max-steps if given, else its
     stages' epochs, and validates every --eval-every steps (a quarter epoch by default) as well as
-    at epoch ends; the source run trains its epochs and validates at their ends."""
+    at epoch ends; the source run trains its epochs and validates at their ends (all scores at its last
+    only: its history is not compared)."""
     run_dir = context.output_dir / name
     if (run_dir / RESULT).is_file():  # finished before: the caller loads the weights it needs
         return json.loads((run_dir / RESULT).read_text())
@@ -100,8 +101,11 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         network = DistributedDataParallel(model) if processes.world > 1 and not sharded else model
         return optimizer, scheduler
 
+    last_epoch = sum(stage.epochs for stage in stages)
+
     def scores(step: int, epoch: int | float) -> dict:
-        epoch_end = isinstance(epoch, int)  # all scores at epoch ends; the metric alone in between
+        # All scores at a compared run's epoch ends and at the source run's last; the metric alone otherwise.
+        epoch_end = isinstance(epoch, int) and (compared or epoch == last_epoch)
         found = evaluate(model, context.data.val_batches(), context.collate, device,
                          None if epoch_end else {config.metric})
         if context.benchmark and (epoch_end or config.metric.startswith(f"{context.benchmark.task.name}/")):
