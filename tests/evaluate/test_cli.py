@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from tests.evaluate.conftest import SCENES
+from vlfast import defaults
 from vlfast.evaluate.__main__ import main
 from vlfast.evaluate.tasks import TASKS, numeric_scores
 from vlfast.evaluate.vqa_metric import vqa_scores
@@ -136,14 +138,57 @@ def test_transfer_scores_a_benchmark_every_epoch(tiny_defaults, benchmarks, tmp_
 @pytest.mark.parametrize("arguments, message", [
     (["--metric", "vqav2/accuracy"], "or a score of --eval-task T as T/<score>"),
     (["--eval-task", "vqav2"], "eval_data must be given together with --eval-task"),
-    (["--eval-task", "vqav2", "--eval-data", "/nowhere"], "--data /nowhere: no such directory"),
+    (["--eval-task", "vqav2", "--eval-data", "/nowhere"], "--eval-data /nowhere: no such directory"),
     (["--eval-task", "gqa", "--eval-data", "/x", "--metric", "gqa/CIDEr"], "val_loss | cider | qa_accuracy | gqa/"),
+    (["--eval-prompt", "{}"], "eval_prompt must be given with --eval-task, got '{}'"),
+    (["--eval-limit", "5"], "eval_limit must be a positive number, given with --eval-task, got 5"),
+    (["--eval-task", "vqav2", "--eval-data", "BENCHMARK", "--eval-prompt", "{nope}"],
+     "--eval-prompt '{nope}': this task's prompts can use {question}"),
 ])
-def test_transfer_refuses_bad_eval_settings(tiny_defaults, tmp_path, arguments, message):
+def test_transfer_refuses_bad_eval_settings(tiny_defaults, benchmarks, tmp_path, arguments, message):
     from vlfast.transfer.__main__ import main as transfer
 
-    with pytest.raises(SystemExit, match=message.replace("|", r"\|")):
+    arguments = [str(benchmarks["vqav2"]) if a == "BENCHMARK" else a for a in arguments]
+    with pytest.raises(SystemExit, match=re.escape(message)):
         transfer(["--preset", "smoke", "--output-dir", str(tmp_path / "run"), *arguments])
+
+
+def test_transfer_refuses_an_empty_prompt_for_a_tokenizer_without_bos(tiny_defaults, benchmarks, tmp_path):
+    """Caught before training, not at the first scoring after an epoch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlfast.transfer.__main__ import main as transfer
+
+    tokenizer = defaults.shapes_tokenizer()
+    tokenizer.bos_token = None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    with pytest.raises(SystemExit, match=re.escape("--eval-prompt '': an empty prompt, and the tokenizer of "
+                                                   "--target-llm has no bos token")):
+        transfer(["--preset", "smoke", "--target-llm", str(tmp_path / "llm"), "--eval-task", "coco_caption",
+                  "--eval-data", str(benchmarks["coco_caption"]), "--eval-prompt", "",
+                  "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "source").exists()
+
+
+def test_transfer_under_torchrun_splits_the_benchmark_and_scores_it_whole(tiny_defaults, benchmarks, tmp_path):
+    """Each of two processes answers half the questions; the gathered predictions of the last
+    validation are those `vlfast.evaluate` gives the saved model in one process."""
+    from tests.transfer.conftest import run_cli
+
+    done = run_cli(tiny_defaults, "--preset", "smoke", "--no-baseline", "--eval-task", "gqa", "--eval-data",
+                   str(benchmarks["gqa"]), "--eval-prompt", "{}", "--eval-limit", "13",
+                   "--output-dir", str(tmp_path / "run"), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = json.loads((tmp_path / "run" / "transfer" / "eval" / "epoch-2" / "scores.json").read_text())
+    assert scored["processes"] == 2 and scored["scores"]["questions"] == 13
+    alone = evaluate(tmp_path / "run", "gqa", benchmarks["gqa"], tmp_path / "alone", "--limit", "13",
+                     "--batch-size", "16")
+    assert alone["scores"] == scored["scores"]
+    assert ((tmp_path / "alone" / alone["predictions"]).read_text()
+            == (tmp_path / "run" / "transfer" / "eval" / "epoch-2" / scored["predictions"]).read_text())
 
 
 def test_an_exported_blip2_directory_answers_as_the_run(models, benchmarks, tmp_path):

@@ -105,7 +105,7 @@ class Run:
     # Forward and backward of one optimizer step: this process's part of each loss term (summed over
     # processes before logging), with "loss" their weighted total.
     step: Callable[[Stage, Batches], dict[str, float]]
-    evaluate: Callable[[int, int | float], dict]  # validation scores after (step, epoch); main process only
+    evaluate: Callable[[int, int | float], dict]  # validation scores after (step, epoch), of the main process
     processes: Processes
     signals: StopSignals
     checkpoint_every: int
@@ -113,8 +113,9 @@ class Run:
     max_steps: int | None = None  # the budget in optimizer steps instead of the stages' epochs
     max_grad_norm: float = 0.0  # clip the gradients' norm to this before each step; 0: no clipping
     tensorboard: Path | None = None  # train/<term>, train/lr and val/<score> are logged here
-    # Weights sharded over the processes (FSDP): every process validates, since gathering them takes all.
-    sharded: bool = False
+    # Every process calls `evaluate` (else the main one alone): weights sharded over the processes (FSDP)
+    # take all of them to gather, and a benchmark's questions are split among them.
+    every_process_validates: bool = False
     data: Stateful | None = None  # this process's data stream: each process's position is checkpointed
 
     def train(self) -> dict:
@@ -218,7 +219,7 @@ class Run:
 
     def _validate(self, step: int, steps_per_epoch: int, stage: Stage, progress: dict, writer) -> None:
         epoch = epoch_at(step, steps_per_epoch)
-        scores = self.evaluate(step, epoch) if self.processes.main or self.sharded else {}
+        scores = self.evaluate(step, epoch) if self.processes.main or self.every_process_validates else {}
         progress["history"].append({"epoch": epoch, "step": step, "stage": stage.name,
                                     "wall_s": round(progress["wall_s"], 3), **scores})
         if writer:

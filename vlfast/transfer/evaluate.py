@@ -22,11 +22,13 @@ from vlfast.evaluate.run import (
     check_prompt,
     evaluate_model,
     generation_details,
+    prompt_text,
     same_length_batches,
     write_results,
 )
 from vlfast.evaluate.tasks import Task, get_task, load_benchmark, numeric_scores
 from vlfast.models import VisionLanguageModel
+from vlfast.training.distributed import Processes
 from vlfast.transfer.data import model_images
 
 MAX_CAPTION_TOKENS = 32
@@ -119,17 +121,37 @@ class BenchmarkEval:
 
     @classmethod
     def load(cls, task: str, data: str, prompt: str | None, limit: int | None) -> BenchmarkEval:
+        """Its errors name the transfer's options (--eval-data, --eval-prompt), not the evaluate CLI's."""
         chosen = get_task(task)
-        split, benchmark = load_benchmark(chosen, data, limit=limit)
-        generation = Generation.for_task(chosen, prompt=prompt)
-        check_prompt(generation.prompt, benchmark.samples)
+        try:
+            split, benchmark = load_benchmark(chosen, data, limit=limit)
+            generation = Generation.for_task(chosen, prompt=prompt)
+            check_prompt(generation.prompt, benchmark.samples)
+        except (ValueError, FileNotFoundError) as error:
+            message = re.sub(r"(?<![\w-])--(data|prompt)\b", r"--eval-\1", str(error))
+            raise type(error)(message.replace("(--image-dir says where they are)",
+                                              "(read from --eval-data's layout)")) from None
         return cls(chosen, split, benchmark, generation)
 
-    def scores(self, model: VisionLanguageModel, batch_size: int, output_dir: Path) -> dict[str, float]:
-        """The task's scores as <task>/<score>; the predictions and scores are kept in output_dir."""
+    def check_llm(self, llm: torch.nn.Module, tokenizer, option: str) -> None:
+        """The prompt gives this LLM a token to start generating from (checked before training; the
+        benchmark's own check comes at its first scoring)."""
+        collate = CaptionCollator.for_llm(tokenizer, llm)
+        if not collate.prefix_ids(prompt_text(self.generation.prompt, self.benchmark.samples[0])):
+            raise ValueError(f"--eval-prompt {self.generation.prompt!r}: an empty prompt, and the tokenizer of "
+                             f"{option} has no bos token to start generating from: give a prompt")
+
+    def scores(self, model: VisionLanguageModel, batch_size: int, output_dir: Path,
+               processes: Processes) -> dict[str, float]:
+        """The task's scores as <task>/<score>, every process answering its share of the questions;
+        the main process keeps the predictions and scores in output_dir."""
+        model.eval()
         predictions, scores, seconds = evaluate_model(model, self.task, self.benchmark, self.generation,
-                                                      batch_size=batch_size, progress=False)
-        write_results(output_dir, self.task, self.split, predictions, scores,
-                      {"generation_s": round(seconds, 1), **generation_details(self.generation)})
+                                                      batch_size=batch_size, rank=processes.rank,
+                                                      world=processes.world, progress=False)
+        if processes.main:
+            write_results(output_dir, self.task, self.split, predictions, scores,
+                          {"processes": processes.world, "generation_s": round(seconds, 1),
+                           **generation_details(self.generation)})
         return {f"{self.task.name}/{name}": value for name, value in numeric_scores(scores).items()
                 if name in self.task.metrics}

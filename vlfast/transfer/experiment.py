@@ -113,6 +113,10 @@ def prepare(config: TransferConfig, world: int = 1) -> Parts:
     pformer = _checked_pformer(config, target_llm, target_tokenizer, source_vpg) if config.pformer else None
     benchmark = (BenchmarkEval.load(config.eval_task, config.eval_data, config.eval_prompt, config.eval_limit)
                  if config.eval_task else None)
+    if benchmark is not None:  # it scores every run: the source's too when it trains here
+        benchmark.check_llm(target_llm, target_tokenizer, "--target-llm")
+        if source_vpg is None:
+            benchmark.check_llm(source_llm, source_tokenizer, "--source-llm")
     return Parts(tower, source_llm, target_llm, source_tokenizer, target_tokenizer, source_vpg, pformer, benchmark)
 
 

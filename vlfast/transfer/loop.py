@@ -106,12 +106,14 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
     def scores(step: int, epoch: int | float) -> dict:
         # All scores at a compared run's epoch ends and at the source run's last; the metric alone otherwise.
         epoch_end = isinstance(epoch, int) and (compared or epoch == last_epoch)
-        found = evaluate(model, context.data.val_batches(), context.collate, device,
-                         None if epoch_end else {config.metric})
+        found = {}
+        if processes.main or sharded:  # the validation split: on the main process (all gather sharded weights)
+            found = evaluate(model, context.data.val_batches(), context.collate, device,
+                             None if epoch_end else {config.metric})
         if context.benchmark and (epoch_end or config.metric.startswith(f"{context.benchmark.task.name}/")):
-            label = f"epoch-{epoch}" if epoch_end else f"step-{step}"
-            found |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / label)
-        if found.get(config.metric) is None:
+            label = f"epoch-{epoch}" if epoch_end else f"step-{step}"  # its questions split over the processes
+            found |= context.benchmark.scores(model, config.batch_size, run_dir / "eval" / label, processes)
+        if processes.main and found.get(config.metric) is None:
             raise ValueError(f"--metric {config.metric}: the evaluation gave no such score (it gave "
                              f"{', '.join(k for k, v in found.items() if v is not None)}); a score can be missing "
                              "when --eval-limit leaves out a whole group or Java is absent")
@@ -129,7 +131,7 @@ def train_run(name: str, model: VisionLanguageModel, stages: list[Stage], contex
         {n: p for n, p in sorted(model.named_parameters()) if id(p) in trained}, start,
         lambda stage, batches: _step(model, network, batches, context, autocast, stage.losses), scores,
         processes, context.signals, config.checkpoint_every, eval_every, max_steps, config.max_grad_norm,
-        context.output_dir / "tensorboard" / name, sharded, loader).train()
+        context.output_dir / "tensorboard" / name, sharded or context.benchmark is not None, loader).train()
     skipped = processes.sum([sum(loader.skipped.values())])[0]
     if skipped:  # what the stream dropped (--on-error skip), over all processes
         print(f"{name}: {int(skipped)} unusable samples skipped (per shard, process {processes.rank}: "
