@@ -3,7 +3,8 @@
 Measured: CPU wall time of `auto` and of each backend that runs here, against the eager PyTorch
 chain and F.scaled_dot_product_attention (forward, and forward + backward); and `auto` timed
 interleaved with those, failing when it is slower than any of them (on CPU `auto` is the torch
-backend, SDPA; the cpu backend runs the CUDA kernels' arithmetic in scalar C++, to test it).
+backend: SDPA, or the eager chain for 16-bit training; the cpu backend runs the CUDA kernels'
+arithmetic in scalar C++, to test it).
 Projected (no GPU here): H100 and H200 time of the Triton kernels as launched (vlfast.costmodel),
 against the roofline floor, the eager chain, a deliberately worse launch and SDPA's flash forward;
 beside them the H200 forward times measured for vlfast, eager and SDPA (cited).
@@ -99,15 +100,17 @@ def test_cpu_forward_backward(benchmark, name, dtype):
 
 
 # auto against what a user would run instead: plain PyTorch (the eager chain, SDPA) and vlfast's
-# cpu backend. bf16 forward + backward is left out: there the eager chain (bf16 matmuls) beats SDPA's
-# CPU backward, which auto runs.
-AUTO_CASES = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
+# cpu backend, forward and forward + backward, in fp32 and bf16.
+AUTO_CASES = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
 CONTENDERS = ("vlfast-auto", "vlfast-cpu", "eager", "sdpa")
 AUTO_ROUNDS = 25
 
 
-@pytest.mark.parametrize(("dtype", "backward"), AUTO_CASES, ids=["float32-forward", "float32-backward",
-                                                                  "bfloat16-forward"])
+def _case_id(value) -> str:
+    return {False: "forward", True: "backward"}.get(value) or str(value).removeprefix("torch.")
+
+
+@pytest.mark.parametrize(("dtype", "backward"), AUTO_CASES, ids=_case_id)
 def test_cpu_auto_is_not_slower(benchmark, dtype, backward):
     """Each round times every contender once, in turn, so that load on a shared machine falls on all
     of them; auto's median must be within 20% of the fastest contender's (a shared machine's noise: a worse

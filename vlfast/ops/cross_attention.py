@@ -3,7 +3,8 @@
 The public function checks its arguments and picks a backend. The kernels (triton, cuda, cpu) run
 behind the custom op `vlfast::cross_attention_fwd`, whose autograd calls `vlfast::cross_attention_bwd`.
 Both are registered with torch.library (real, fake and autograd implementations), so they trace as
-single nodes under torch.compile. The `torch` backend is PyTorch's scaled_dot_product_attention.
+single nodes under torch.compile. The `torch` backend is PyTorch's scaled_dot_product_attention
+(the textbook chain for 16-bit training on CPU, where it is faster).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from vlfast.ops.backends import HALF_DTYPES, Support, register_op, resolve_backend, support_reason
 from vlfast.ops.checks import check_same_device, check_tensor
 from vlfast.ops.glue import kernel, register_backward
-from vlfast.ops.reference import cross_attention_sdpa
+from vlfast.ops.reference import cross_attention_torch
 
 # `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU SDPA (the
 # torch backend) by benchmarks/test_cross_attention.py; the cpu backend, scalar C++ with the CUDA
@@ -26,7 +27,7 @@ SUPPORT = {
     "cuda": Support(HALF_DTYPES, {"head dim": 128}, note="tensor cores (sm_80+)",
                     dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
     "cpu": Support(note="the CUDA kernels' arithmetic in scalar C++, for testing it (slow); computed in fp32"),
-    "torch": Support(None, note="F.scaled_dot_product_attention"),
+    "torch": Support(None, note="F.scaled_dot_product_attention (16-bit training on CPU: the textbook chain)"),
 }
 register_op("cross_attention", SUPPORT, PREFERENCE)
 
@@ -105,6 +106,6 @@ def cross_attention(
         "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), PREFERENCE
     )
     if chosen == "torch":
-        return cross_attention_sdpa(q, k, v, kv_mask, scale)
+        return cross_attention_torch(q, k, v, kv_mask, scale)
     out, _ = cross_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_mask, scale, chosen)
     return out

@@ -15,8 +15,14 @@ from torch import Tensor
 from vlfast.kernels.utils import dropout_threshold
 
 
-def cross_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
-    """The `torch` backend: PyTorch's scaled_dot_product_attention, differentiated by autograd."""
+def cross_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float) -> Tensor:
+    """The `torch` backend: PyTorch's scaled_dot_product_attention, differentiated by autograd. On CPU,
+    16-bit inputs that need gradients take the textbook chain instead: SDPA's CPU backward is 1.5x
+    (bf16) to 2.6x (fp16) slower than autograd through the chain's 16-bit matmuls at the Q-Former's
+    shape (its forward is faster: kept without gradients; benchmarks/test_cross_attention.py)."""
+    if (q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return cross_attention_autograd(q, k, v, kv_mask, scale)
     if kv_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if q.device.type == "cpu":  # torch >= 2.5 gives a query with no visible key zeros and zero gradients here
@@ -31,8 +37,9 @@ def cross_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None
 def cross_attention_autograd(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None = None, scale: float | None = None
 ) -> Tensor:
-    """The oracle for tests: the textbook formula in the inputs' dtype, differentiated by autograd.
-    Rows with no visible key get zeros and zero gradients."""
+    """The textbook formula in the inputs' dtype, differentiated by autograd: the tests' oracle (in
+    float64), and the torch backend for 16-bit training on CPU. Rows with no visible key get zeros
+    and zero gradients."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if kv_mask is None:
