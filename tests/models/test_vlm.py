@@ -218,3 +218,23 @@ def test_rows_run_in_length_groups_as_one_padded_batch(parts, connector, mma, mo
     assert grouped_gradients.keys() == gradients.keys() and len(gradients) > 4
     for name, gradient in gradients.items():
         torch.testing.assert_close(grouped_gradients[name], gradient, msg=name)
+
+
+
+def test_a_left_padded_batch_runs_whole(parts, monkeypatch):
+    """Cut to a group's longest row, left-padded rows would lose their tokens: such a batch runs at once."""
+    tower, llm, config = parts
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tower, VPG(config), llm, tokenizer=word_tokenizer())
+    collate = CaptionCollator(word_tokenizer())
+    b = collate.tokenize(["a red circle", "a circle", "red", "a red circle a circle"],
+                         ["describe the image :", "", "the image :", ""])
+    lengths = b["attention_mask"].sum(dim=1)
+    left = {name: torch.stack([row.roll(int(row.numel() - n)) for row, n in zip(t, lengths, strict=True)])
+            for name, t in b.items()}  # each row's padding moved to its left
+    assert not torch.equal(left["attention_mask"], b["attention_mask"])
+    pixels = batch(collate, 0, size=4)["pixel_values"]
+    grouped = model(left["input_ids"], left["attention_mask"], left["labels"], pixel_values=pixels)
+    monkeypatch.setattr(vlm, "length_groups", lambda mask: [torch.arange(len(mask))])
+    whole = model(left["input_ids"], left["attention_mask"], left["labels"], pixel_values=pixels)
+    torch.testing.assert_close(grouped, whole)

@@ -214,7 +214,9 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids")
         prompts = self.visual_prompts(pixel_values, image_features)
         modalities = ["image"] * input_ids.shape[0]
-        if labels is not None and not self.is_encoder_decoder and self.length_grouping:
+        # Cutting a group to its longest row keeps every token only when padding is on the right.
+        if (labels is not None and not self.is_encoder_decoder and self.length_grouping
+                and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
             groups = length_groups(attention_mask)
             if len(groups) > 1:  # each group's loss as its part of the whole batch's
                 count = self.labelled_tokens(labels) if num_items_in_batch is None else num_items_in_batch
