@@ -233,21 +233,23 @@ def report_specs() -> list[KernelSpec]:
         cfg = launch_config(q, lk, interpret=False)
         warps = cfg.pop("num_warps")
         label = f"B={b} H={h} Lq={lq} Lk={lk} D={d} {str(dtype).removeprefix('torch.')}"
+        values = {"heads": h, "q_len": lq, "kv_len": lk, "head_dim": d}
         t, scalars = pointer_type(dtype), {"heads": "i32", "q_len": "i32", "kv_len": "i32", "head_dim": "i32",
                                            "scale": "fp32"}
         fwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, lse_ptr="*fp32")
         specs.append(KernelSpec(cross_attention_fwd_kernel, {**fwd_ptrs, **scalars},
-                                {"HAS_MASK": True, **cfg}, num_warps=warps, label=label))
+                                {"HAS_MASK": True, **cfg}, num_warps=warps, label=label, sizes=values))
         one_block = triton.cdiv(lq, cfg["BLOCK_M"]) == 1
         bwd_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", out_ptr=t, dout_ptr=t, lse_ptr="*fp32",
                         delta_ptr="*fp32", dq_ptr=t, dk_ptr=t, dv_ptr=t)
         specs.append(KernelSpec(cross_attention_bwd_kernel, {**bwd_ptrs, **scalars},
-                                {"HAS_MASK": True, "WRITE_KV": one_block, **cfg}, num_warps=warps, label=label))
+                                {"HAS_MASK": True, "WRITE_KV": one_block, **cfg}, num_warps=warps, label=label,
+                                sizes=values))
         if not one_block:
             kv_ptrs = dict(q_ptr=t, k_ptr=t, v_ptr=t, mask_ptr="*u8", dout_ptr=t, lse_ptr="*fp32",
                            delta_ptr="*fp32", dk_ptr=t, dv_ptr=t)
             specs.append(KernelSpec(cross_attention_bwd_kv_kernel, {**kv_ptrs, **scalars},
-                                    {"HAS_MASK": True, **cfg}, num_warps=warps, label=label))
+                                    {"HAS_MASK": True, **cfg}, num_warps=warps, label=label, sizes=values))
     return specs
 
 

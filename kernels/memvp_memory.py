@@ -45,13 +45,16 @@ from vlfast.kernels.utils import (
 
 
 @triton.jit
-def _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32: tl.constexpr):
-    """A (BLOCK_M, BLOCK_D) tile of z[batch] + pos, zero outside (memory, dim), added in z's dtype
-    as the unfused op does (fp32 when the interpreter needs fp32 dot operands)."""
-    mask = (mem[:, None] < memory) & (cols[None, :] < dim)
-    offsets = mem[:, None] * dim + cols[None, :]
-    z = tl.load(z_ptr + (batch * memory).to(tl.int64) * dim + offsets, mask=mask, other=0.0)
-    pos = tl.load(pos_ptr + offsets, mask=mask, other=0.0)
+def _memory_rows(z_ptr, pos_ptr, batch, m0, d0, memory, dim,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The (BLOCK_M, BLOCK_D) tile at (m0, d0) of z[batch] + pos, zero outside (memory, dim), added in
+    z's dtype as the unfused op does (fp32 when the interpreter needs fp32 dot operands)."""
+    mem, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    mask = (m0 + mem[:, None] < memory) & (d0 + cols[None, :] < dim)
+    tile = mem[:, None] * dim + cols[None, :]
+    start = tl.cast(m0, tl.int64) * dim + d0
+    z = tl.load(z_ptr + batch.to(tl.int64) * memory * dim + start + tile, mask=mask, other=0.0)
+    pos = tl.load(pos_ptr + start + tile, mask=mask, other=0.0)
     if DOT_FP32:
         return z.to(tl.float32) + pos.to(tl.float32)
     return z + pos
@@ -65,19 +68,18 @@ def _fp16_safe_factor(tile_max):
 
 
 @triton.jit
-def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, rows, mem, length, memory, dim,
+def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, row0, m0, length, memory, dim,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """x[batch, rows] (z[batch] + pos)^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M). Offsets into
-    (B, L, D) tensors are 64-bit here and below: B x L x D can pass 2^31."""
+    """x[batch, row0:] (z[batch] + pos)[m0:]^T, accumulated over D in fp32: (BLOCK_L, BLOCK_M)."""
+    rows, cols = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + (batch * length + row0).to(tl.int64) * dim + rows[:, None] * dim + cols[None, :]
     pre = tl.zeros((BLOCK_L, BLOCK_M), tl.float32)
     for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
-                    mask=(rows[:, None] < length) & (cols[None, :] < dim), other=0.0)
+        x = tl.load(x_rows + d0, mask=(row0 + rows[:, None] < length) & (d0 + cols[None, :] < dim), other=0.0)
         if DOT_FP32:
             x = x.to(tl.float32)
-        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, m0, d0, memory, dim, BLOCK_M, BLOCK_D, DOT_FP32)
         pre += tl.dot(x, tl.trans(memory_rows), input_precision=PRECISION)
     return pre
 
@@ -92,32 +94,38 @@ def memvp_activation_kernel(
     """One (rows x memory) tile of the activation. Forward: act = dropout(silu(x K^T)) * scale, with
     FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
     Backward: act = dropout(silu(x K^T)) and dpre = dL/d(x K^T) = dropout(scale dout V^T silu'),
-    both fp32."""
+    both fp32. Offsets are a 64-bit start per tile plus 32-bit offsets within it (B x L x D can
+    pass 2^31), computed after the loop so that they hold no registers during it."""
     batch = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mem = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offsets = (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :]
-    inside = (rows[:, None] < length) & (mem[None, :] < memory)
-    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, rows, mem, length, memory, dim,
+    row0, m0 = tl.program_id(0) * BLOCK_L, tl.program_id(1) * BLOCK_M
+    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, row0, m0, length, memory, dim,
                           BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    sig = tl.sigmoid(pre)
     if BACKWARD:
         # dL/dhidden = dout (z + value_pos)^T: the same product as the pre-activation.
-        dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, rows, mem, length, memory, dim,
+        dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, row0, m0, length, memory, dim,
                                   BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+    rows, mem = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_M)
+    start = (batch * length + row0).to(tl.int64) * memory + m0
+    tile = rows[:, None] * memory + mem[None, :]
+    inside = (row0 + rows[:, None] < length) & (m0 + mem[None, :] < memory)
+    # The dropout hash takes the element's index modulo 2^32: int32 arithmetic wraps to the same bits.
+    hashed = start.to(tl.int32) + tile
+    sig = tl.sigmoid(pre)
+    if BACKWARD:
         dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))  # silu'(a) = s (1 + a (1 - s))
-        drop_and_save(pre * sig, dpre, act_ptr, dpre_ptr, offsets, inside, seed, threshold, keep_scale, DROPOUT)
+        drop_and_save(pre * sig, dpre, act_ptr + start, dpre_ptr + start, tile, hashed, inside, seed, threshold,
+                      keep_scale, DROPOUT)
     else:
         hidden = pre * sig * scale
         if DROPOUT:
-            hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
+            hidden = hidden * dropout_factor(seed, hashed, threshold, keep_scale)
         if FP16_SAFE:
             factor = _fp16_safe_factor(tl.max(tl.abs(hidden), axis=1))
             hidden = hidden * factor[:, None]
             tiles = tl.num_programs(1)
-            tl.store(unscale_ptr + (batch * length + rows).to(tl.int64) * tiles + tl.program_id(1), 1.0 / factor,
-                     mask=rows < length)
-        tl.store(act_ptr + offsets, hidden.to(act_ptr.dtype.element_ty), mask=inside)
+            tl.store(unscale_ptr + (batch * length + row0 + rows).to(tl.int64) * tiles + tl.program_id(1),
+                     1.0 / factor, mask=row0 + rows < length)
+        tl.store(act_ptr + start + tile, hidden.to(act_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -131,18 +139,18 @@ def memvp_times_memory_kernel(
     output, rows are scaled to fit fp16 first: STORED_SCALES, the activation kernel's (one per
     act_tile columns, which a BLOCK_M tile never straddles), else each tile's own."""
     batch = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row0, d0 = tl.program_id(0) * BLOCK_L, tl.program_id(1) * BLOCK_D
+    rows, mem = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_M)
+    row_start = (batch * length + row0).to(tl.int64)
+    act_rows = act_ptr + row_start * memory + rows[:, None] * memory + mem[None, :]
     acc = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     for m0 in range(0, memory, BLOCK_M):
-        mem = m0 + tl.arange(0, BLOCK_M)
-        act = tl.load(act_ptr + (batch * length + rows[:, None]).to(tl.int64) * memory + mem[None, :],
-                      mask=(rows[:, None] < length) & (mem[None, :] < memory), other=0.0)
-        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, mem, cols, memory, dim, DOT_FP32)
+        act = tl.load(act_rows + m0, mask=(row0 + rows[:, None] < length) & (m0 + mem[None, :] < memory), other=0.0)
+        memory_rows = _memory_rows(z_ptr, pos_ptr, batch, m0, d0, memory, dim, BLOCK_M, BLOCK_D, DOT_FP32)
         if out_ptr.dtype.element_ty == tl.float16:
             if STORED_SCALES:
-                factor = 1.0 / tl.load(unscale_ptr + (batch * length + rows).to(tl.int64) * tl.cdiv(memory, act_tile)
-                                       + m0 // act_tile, mask=rows < length, other=1.0)
+                factor = 1.0 / tl.load(unscale_ptr + (row_start + rows) * tl.cdiv(memory, act_tile) + m0 // act_tile,
+                                       mask=row0 + rows < length, other=1.0)
             else:
                 factor = _fp16_safe_factor(tl.max(tl.abs(act), axis=1))
                 act = act * factor[:, None]
@@ -154,8 +162,9 @@ def memvp_times_memory_kernel(
             if DOT_FP32:
                 act = act.to(tl.float32)
             acc += tl.dot(act, memory_rows, input_precision=PRECISION)
-    tl.store(out_ptr + (batch * length + rows[:, None]).to(tl.int64) * dim + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < length) & (cols[None, :] < dim))
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(out_ptr + row_start * dim + d0 + rows[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(row0 + rows[:, None] < length) & (d0 + cols[None, :] < dim))
 
 
 @triton.jit
@@ -296,6 +305,7 @@ def report_specs() -> list[KernelSpec]:
         act_warps, backward_warps, product_warps = (c.pop("num_warps") for c in (act, backward, product))
         memory_cfg = memory_kernel_config(x, interpret=False)
         memory_warps = memory_cfg.pop("num_warps")
+        values = {"length": 512, "memory": 320, "dim": 4096, "act_tile": act["BLOCK_M"]}
         sizes = {"length": "i32", "memory": "i32", "dim": "i32"}
         act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t,
                     "unscale_ptr": "*fp32", **sizes, "scale": "fp32", "keep_scale": "fp32", "seed": "i32",
@@ -306,17 +316,17 @@ def report_specs() -> list[KernelSpec]:
         specs += [
             KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": t, "dpre_ptr": t},
                        {"BACKWARD": False, "DROPOUT": True, "FP16_SAFE": fp16_safe, **act}, act_warps,
-                       label + " forward"),
+                       label + " forward", sizes=values),
             KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": "*fp32", "dpre_ptr": "*fp32"},
                        {"BACKWARD": True, "DROPOUT": True, "FP16_SAFE": False, **backward}, backward_warps,
-                       label + " backward"),
+                       label + " backward", sizes=values),
             KernelSpec(memvp_times_memory_kernel, product_args, {"STORED_SCALES": fp16_safe, **product},
-                       product_warps, label + " forward"),
+                       product_warps, label + " forward", sizes=values),
             KernelSpec(memvp_times_memory_kernel, {**product_args, "act_ptr": "*fp32"},
-                       {"STORED_SCALES": False, **product}, product_warps, label + " backward (dx)"),
+                       {"STORED_SCALES": False, **product}, product_warps, label + " backward (dx)", sizes=values),
             KernelSpec(memvp_bwd_memory_kernel, {
                 "act_ptr": "*fp32", "rows_ptr": t, "dz_ptr": "*fp32", "dpos_ptr": t, "batches": "i32",
                 "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},
-                {"ACCUMULATE": True, **memory_cfg}, memory_warps, label),
+                {"ACCUMULATE": True, **memory_cfg}, memory_warps, label, sizes=values),
         ]
     return specs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -63,6 +63,15 @@ class KernelSpec:
     num_warps: int
     label: str  # the problem it is configured for
     num_stages: int | None = None  # None: Triton's default
+    # Integer arguments' values at that problem: Triton's JIT compiles a launch knowing which are
+    # multiples of 16 (vectorised, pipelined loads), so the report must know them too.
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def divisible_by_16(self) -> list[str]:
+        """The arguments Triton's JIT marks as multiples of 16 for this problem: pointers (PyTorch
+        allocates 16-byte aligned) and the integers that are."""
+        return [arg for arg, kind in self.signature.items()
+                if kind.startswith("*") or (arg in self.sizes and self.sizes[arg] % 16 == 0)]
 
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -96,13 +105,13 @@ def dropout_factor(seed, offsets, threshold, keep_scale):
 
 
 @triton.jit
-def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, mask, seed, threshold, keep_scale,
+def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, hashed, mask, seed, threshold, keep_scale,
                   DROPOUT: tl.constexpr):
-    """Backward helper: apply the dropout mask of the elements at `offsets` to an activation and to
-    the gradient of its pre-dropout value, store both (fp32) for the reduction kernel, and return
-    the masked gradient."""
+    """Backward helper: apply the dropout mask of the elements whose row-major indices in the dropped
+    tensor are `hashed` to an activation and to the gradient of its pre-dropout value, store both
+    (fp32) at `offsets` from the pointers for the reduction kernel, and return the masked gradient."""
     if DROPOUT:
-        keep = dropout_factor(seed, offsets, threshold, keep_scale)
+        keep = dropout_factor(seed, hashed, threshold, keep_scale)
         hidden = hidden * keep
         grad = grad * keep
     tl.store(hidden_ptr + offsets, hidden, mask=mask)

@@ -15,8 +15,8 @@ after another. Its time is a launch plus the largest of:
   than its share, pessimistic for grids far below the SM count);
 - L2: the same for everything read through L2, at the stated L2 bandwidth;
 - matrix FLOPs: the busiest SM's programs at its share of the matrix rate;
-- latency: waves x steps x the DRAM latency / LOADS_IN_FLIGHT (a program waits on its loads; Triton's
-  default 3-stage pipelining keeps two steps' loads in flight).
+- latency: waves x steps x the DRAM latency / the steps in flight (a program waits on its loads;
+  Triton's default 3-stage pipelining keeps two steps' loads in flight, 2 stages one).
 Not modelled: instruction issue and the non-matrix arithmetic (exp, masks), bank conflicts, clock
 changes, and the host's time to launch (these projections are of GPU time only).
 """
@@ -90,6 +90,7 @@ class Launch:
     flops: float  # matrix FLOPs on whole (padded) tiles
     steps: int  # loop steps one program runs one after another, each waiting on its loads
     fp32: bool = False  # products in 3-pass tf32
+    in_flight: int = LOADS_IN_FLIGHT  # loop steps whose loads are in flight: pipeline stages - 1
 
     @property
     def bytes(self) -> float:
@@ -103,7 +104,7 @@ class Launch:
         busiest = triton.cdiv(self.programs, hw.sms) * hw.sms / self.programs
         rate = hw.matrix_flops / (TF32X3_SLOWDOWN if self.fp32 else 1)
         return max(busiest * self.dram / hw.bandwidth, busiest * (self.dram + self.l2) / hw.l2_bandwidth,
-                   busiest * self.flops / rate, self.waves(hw) * self.steps * hw.latency / LOADS_IN_FLIGHT)
+                   busiest * self.flops / rate, self.waves(hw) * self.steps * hw.latency / self.in_flight)
 
 
 def chain_seconds(kernels: Sequence[Cost | Launch], hw: Hardware) -> float:
@@ -395,12 +396,14 @@ def routed_adapter_floor(s: AdapterShape, backward: bool = False) -> Cost:
 
 def adapter_config(s: AdapterShape) -> dict:
     """kernels/routed_adapter.py's tiles for this shape, as on a GPU: "rows" (the forward and the
-    backward's row kernel), "columns" (its column kernel), "programs_per_sm" (the persistent forward)."""
-    from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, columns_config, launch_config
+    backward's row kernel), "columns" (its column kernel), "programs_per_sm" and "forward_stages"
+    (the persistent forward's programs per SM and pipeline stages)."""
+    from vlfast.kernels.routed_adapter import FORWARD_STAGES, PROGRAMS_PER_SM, columns_config, launch_config
 
     x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
     return {"rows": launch_config(x, s.rank, s.experts, interpret=False),
-            "columns": columns_config(x, s.rank, interpret=False), "programs_per_sm": PROGRAMS_PER_SM}
+            "columns": columns_config(x, s.rank, interpret=False), "programs_per_sm": PROGRAMS_PER_SM,
+            "forward_stages": FORWARD_STAGES}
 
 
 # PyTorch kernels of the routed_adapter backward outside the Triton ones (routing weights, the
@@ -428,7 +431,8 @@ def routed_adapter_triton(s: AdapterShape, cfg: dict, hw: Hardware, backward: bo
         x_dram, x_l2 = _reread(x, 2 * x, resident * bl * d * e, hw)
         return [Launch("forward", programs, rows_cfg["num_warps"], dram=x_dram + x + s.weight_bytes,
                        l2=x_l2 + blocks * per_block_weights, flops=4.0 * blocks * bl * br * d_steps * bd,
-                       steps=triton.cdiv(blocks, programs) * 3 * d_steps, fp32=e == 4)]
+                       steps=triton.cdiv(blocks, programs) * 3 * d_steps, fp32=e == 4,
+                       in_flight=cfg["forward_stages"] - 1)]
     resident = min(blocks, hw.sms * resident_programs(rows_cfg["num_warps"]))
     dout_dram, dout_l2 = _reread(x, 2 * x, resident * bl * d * e, hw)
     hidden = 2 * 4 * n * r  # the dropped hidden state and its gradient, fp32
