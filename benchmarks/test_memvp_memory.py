@@ -139,9 +139,22 @@ def test_projected_h100(benchmark):
     assert list(flops.values())[1] < list(flops.values())[2]
 
 
-@pytest.mark.xfail(strict=True, reason="projected L2-bound: 64 x 64 activation tiles re-read x and z + pos from L2 "
-                   "~5x and ~8x; larger tiles are kernel work (auto runs plain PyTorch on CUDA)")
-@pytest.mark.parametrize("hw", [H100, H200], ids=lambda hw: hw.name)
-def test_projected_faster_than_eager(hw):
+SLOWER_THAN_EAGER = pytest.mark.xfail(strict=True, reason=(
+    "projected L2-bound: every operand is re-read through L2 once per tile along the other side, and the "
+    "activation grid (96 programs of 128 x 128) leaves 36 of 132 SMs idle; the H200 has the H100's L2 "
+    "and 1.4x its DRAM bandwidth, which speeds the eager chain, not these kernels. The backward's fp32 "
+    "activation gradients and two memory-gradient launches cost 2x the eager backward"))
+
+
+@pytest.mark.parametrize("hw, backward", [
+    pytest.param(H100, False, id="H100 forward"),
+    pytest.param(H200, False, id="H200 forward", marks=SLOWER_THAN_EAGER),
+    pytest.param(H100, True, id="H100 forward + backward", marks=SLOWER_THAN_EAGER),
+    pytest.param(H200, True, id="H200 forward + backward", marks=SLOWER_THAN_EAGER),
+])
+def test_projected_faster_than_eager(hw, backward):
     result = projection(hw)
-    assert result["fused_us"] < result["eager_us"], result
+    if backward:
+        assert result["fused_forward_backward_us"] < result["eager_forward_backward_us"], result
+    else:
+        assert result["fused_us"] < result["eager_us"], result

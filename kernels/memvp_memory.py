@@ -210,24 +210,31 @@ def memvp_bwd_memory_kernel(
 
 
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
-    """Tiles of both kernels: `act` / `act_backward` for the (rows x memory) activation tiles,
-    reduced over D (the backward holds two accumulators: twice the warps); `product` for the
-    (rows x D) output tiles, reduced over M. fp32 operands (3-pass tf32) get half the rows, columns or
-    reduction chunk. Chosen from the static report: no spills on sm_80 and sm_90."""
-    narrow = x.element_size() == 2
-    block_m = min(64, max(16, triton.next_power_of_2(memory)))
+    """Tiles and warps of every kernel: `act` / `act_backward`, (rows x memory) activation tiles
+    reduced over D (the backward holds two accumulators); `product`, (rows x D) output tiles reduced
+    over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced over rows. Chosen with
+    `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and shared memory within 99 KiB
+    on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is re-read through L2 once per
+    tile along the other side, so 128 x 128 activation tiles read x 3 times and z + pos 4 times at
+    LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times). fp32 (3-pass tf32) takes smaller tiles."""
     dots = dot_options(x, interpret)
-    act = {"BLOCK_L": 64 if narrow else 32, "BLOCK_M": block_m, "BLOCK_D": 32 if narrow else 16, **dots}
-    return {
-        "act": {**act, "num_warps": 4},
-        "act_backward": {**act, "BLOCK_M": block_m if narrow else min(block_m, 32), "num_warps": 8},
-        "product": {"BLOCK_L": 64, "BLOCK_M": 32 if narrow else 16, "BLOCK_D": 128 if narrow else 64,
-                    "num_warps": 4 if narrow else 8, **dots},
-    }
-
-
-def memory_kernel_config(x: torch.Tensor, interpret: bool | None = None) -> dict:
-    return {"BLOCK_L": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, **dot_options(x, interpret)}
+    if x.element_size() == 2:
+        block_m = min(128, max(16, triton.next_power_of_2(memory)))
+        tiles = {
+            "act": dict(BLOCK_L=128, BLOCK_M=block_m, BLOCK_D=64, num_warps=8),
+            "act_backward": dict(BLOCK_L=128, BLOCK_M=min(block_m, 64), BLOCK_D=64, num_warps=8),
+            "product": dict(BLOCK_L=128, BLOCK_M=32, BLOCK_D=128, num_warps=8),
+            "memory": dict(BLOCK_L=32, BLOCK_M=64, BLOCK_D=128, num_warps=8),
+        }
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(memory)))
+        tiles = {
+            "act": dict(BLOCK_L=64, BLOCK_M=block_m, BLOCK_D=32, num_warps=8),
+            "act_backward": dict(BLOCK_L=64, BLOCK_M=min(block_m, 32), BLOCK_D=32, num_warps=8),
+            "product": dict(BLOCK_L=128, BLOCK_M=32, BLOCK_D=64, num_warps=8),
+            "memory": dict(BLOCK_L=32, BLOCK_M=64, BLOCK_D=64, num_warps=8),
+        }
+    return {kernel: {**t, **dots} for kernel, t in tiles.items()}
 
 
 def _activation(x, z, key_pos, value_pos, dout, act, dpre, unscale, scale, dropout_p, seed, cfg) -> None:
@@ -284,7 +291,7 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     dz = new_output(z.shape, torch.float32, z.device)
     dkey_pos = new_output(key_pos.shape, written, key_pos.device)
     dvalue_pos = new_output(value_pos.shape, written, value_pos.device)
-    mcfg = memory_kernel_config(x)
+    mcfg = cfg["memory"]
     grid = (triton.cdiv(memory, mcfg["BLOCK_M"]), triton.cdiv(dim, mcfg["BLOCK_D"]))
     for act, rows, dpos, factor, accumulate in ((dpre, x, dkey_pos, 1.0, False),
                                                 (hidden, dout, dvalue_pos, scale, True)):
@@ -301,10 +308,9 @@ def report_specs() -> list[KernelSpec]:
         t = pointer_type(dtype)
         label = f"L=512 M=320 D=4096 {str(dtype).removeprefix('torch.')}"
         cfg = launch_config(x, 320, interpret=False)
-        act, backward, product = dict(cfg["act"]), dict(cfg["act_backward"]), dict(cfg["product"])
-        act_warps, backward_warps, product_warps = (c.pop("num_warps") for c in (act, backward, product))
-        memory_cfg = memory_kernel_config(x, interpret=False)
-        memory_warps = memory_cfg.pop("num_warps")
+        act, backward, product, memory_cfg = (dict(cfg[k]) for k in ("act", "act_backward", "product", "memory"))
+        act_warps, backward_warps, product_warps, memory_warps = (
+            c.pop("num_warps") for c in (act, backward, product, memory_cfg))
         values = {"length": 512, "memory": 320, "dim": 4096, "act_tile": act["BLOCK_M"]}
         sizes = {"length": "i32", "memory": "i32", "dim": "i32"}
         act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t,

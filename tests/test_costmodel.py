@@ -26,6 +26,7 @@ from vlfast.costmodel import (
     chain_seconds,
     cross_attention_floor,
     cross_attention_triton,
+    matmul,
     memvp_config,
     memvp_triton,
     routed_adapter_triton,
@@ -78,7 +79,7 @@ def test_attention_floor_by_hand():
 
 
 def test_launch_by_hand():
-    hw = H100  # 132 SMs, 3.0 TB/s, 5.5 TB/s L2, 0.6 us latency
+    hw = H100  # 132 SMs, 3.0 TB/s, ~7.2 TB/s L2, 0.6 us latency
     one_wave = Launch("k", programs=132, warps=4, dram=132e6, l2=0, flops=0, steps=1)
     assert one_wave.waves(hw) == 1 and one_wave.seconds(hw) == pytest.approx(132e6 / 3.0e12)
     # 133 programs: one SM runs two, so the launch takes twice as long as 132 programs' share
@@ -87,7 +88,25 @@ def test_launch_by_hand():
     # 1000 steps each waiting on DRAM: 1000 x 0.6 us / 2 loads in flight, per wave; 4 warps: 4 programs an SM
     latency = Launch("k", programs=132 * 4 + 1, warps=4, dram=0, l2=0, flops=0, steps=1000)
     assert latency.waves(hw) == 2 and latency.seconds(hw) == pytest.approx(2 * 1000 * 0.6e-6 / 2)
-    assert Launch("k", 132, 4, dram=0, l2=55e6, flops=0, steps=0).seconds(hw) == pytest.approx(1e-5)
+    assert Launch("k", 132, 4, dram=0, l2=55e6, flops=0, steps=0).seconds(hw) == pytest.approx(55e6 / hw.l2_bandwidth)
+    # 5.5 TB/s measured on an H100 PCIe (114 SMs, 1,755 MHz), scaled to the SXM part's 132 SMs at 1,980 MHz
+    assert hw.l2_bandwidth == pytest.approx(7.18e12, rel=1e-3)
+    # two stages keep one step's loads in flight: twice the latency term of three
+    assert replace(latency, in_flight=1).seconds(hw) == pytest.approx(2 * latency.seconds(hw))
+
+
+def test_eager_matrix_products_pay_cublas_tiles_l2_and_the_fp32_rate():
+    # (512 x 4096) @ (4096 x 320) in 256 x 256 tiles: A re-read by 1 more column tile, B by 1 more row tile
+    product = matmul(512, 320, 4096, 2, batch=8)
+    assert product.bytes == 2 * 8 * (512 * 4096 + 4096 * 320 + 512 * 320)
+    assert product.l2 == 2 * 8 * (512 * 4096 + 4096 * 320)
+    assert product.seconds(H200) == pytest.approx((product.bytes + product.l2) / H200.l2_bandwidth)  # L2-bound
+    assert matmul(256, 256, 64, 2).l2 == 0
+    # The 8192^3 bf16 product stays compute-bound, as vlfast.gpucheck measured it on the H200 (717 TFLOP/s);
+    # in fp32 it runs on CUDA cores (PyTorch's default: no tf32), 12x slower on an H100
+    square = 8192
+    assert matmul(square, square, square, 2).seconds(H200) == pytest.approx(2 * square**3 / H200.matrix_flops)
+    assert matmul(square, square, square, 4).seconds(H100) == pytest.approx(2 * square**3 / H100.fp32_flops)
 
 
 @pytest.mark.parametrize("hw", [H100, H200], ids=lambda hw: hw.name)

@@ -20,6 +20,7 @@ SHAPES = [  # (B, L, M, D)
     (1, 19, 320, 48),  # LLaMA-7B's memory size: 5 memory tiles
     (1, 9, 600, 16),  # beyond the 512 rows the kernels once held whole (LLaVA-1.5 feeds 576)
     (3, 5, 17, 130),  # D not a multiple of the D chunk
+    (1, 130, 20, 24),  # two row tiles of 128, the second ragged
 ]
 SCALE = 0.7
 
@@ -77,9 +78,9 @@ def test_matches_float64_reference(backend, dtype, shape, dropout_p):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
 def test_fp16_intermediates_do_not_overflow(backend, large, dropout_p):
     """x K^T (forward) or dout V^T (backward) past fp16's 65504 with every result within it: the plain
-    fp16 op overflows; the kernels must stay as close to float64 as fp32 rounded to fp16 is. M = 100
-    spans two Triton activation tiles with different row factors."""
-    shape = (2, 9, 100, 24)
+    fp16 op overflows; the kernels must stay as close to float64 as fp32 rounded to fp16 is. M = 160
+    spans two Triton activation tiles (128 memory rows each) with different row factors."""
+    shape = (2, 9, 160, 24)
     dims = dict(zip("BLMD", shape, strict=True))
     tensors, dout = memvp_fp16_overflow_inputs(dims, large, torch.Generator().manual_seed(0))
     keep = dropout_keep_mask(seed_of(7), shape[:3], dropout_p) if dropout_p else None

@@ -18,6 +18,7 @@ from vlfast.costmodel.kernels import (
     cross_attention_floor,
     cross_attention_triton,
     flash_attention_forward,
+    matmul,
     memvp_config,
     memvp_eager,
     memvp_floor,
@@ -32,6 +33,6 @@ __all__ = [
     "A100", "H100", "H200", "LLMS", "PAPER", "UTILISATION", "AdapterShape", "AttentionShape", "Cost", "Hardware",
     "Launch", "MemVPShape", "Setup", "Stack", "adapter_config", "attention_config", "chain_seconds",
     "cross_attention_eager", "cross_attention_floor", "cross_attention_triton", "flash_attention_forward",
-    "memvp_config", "memvp_eager", "memvp_floor", "memvp_triton", "routed_adapter_eager",
+    "matmul", "memvp_config", "memvp_eager", "memvp_floor", "memvp_triton", "routed_adapter_eager",
     "routed_adapter_floor", "routed_adapter_triton", "transfer_lines",
 ]

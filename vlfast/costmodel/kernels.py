@@ -3,7 +3,9 @@ roofline floor, from counted bytes and FLOPs (no GPU is measured here; labelled 
 
 The floor of an op is max(bytes / DRAM bandwidth, FLOPs / matrix rate) for the bytes it must move
 (one read of each input, one write of each output) and the FLOPs it must do. The eager chain is the
-sum over its kernels of a launch plus that roofline of each kernel's own reads and writes.
+sum over its kernels of a launch plus that roofline of each kernel's own reads and writes; its
+matrix products (`matmul`) also pay the L2 traffic of cuBLAS's tiles, under the same L2 rule as the
+fused kernels, and in fp32 run at the CUDA-core rate (PyTorch's default: no tf32).
 
 A Triton kernel is modelled as launched (`Launch`), from the grid, tiles and warps its launcher's
 `launch_config` picks: each program's DRAM traffic including re-reads (a re-read comes from L2 only
@@ -36,9 +38,12 @@ class Hardware:
     matrix_flops: float  # dense 16-bit matrix FLOP/s
     l2_bytes: float  # last-level cache
     sms: int
-    # Bytes/s read through L2: about what Chips and Cheese measured on an H100 PCIe ("Nvidia's H100:
-    # Funny L2, and Tons of Bandwidth", 2023); assumed for every Hopper part.
-    l2_bandwidth: float = 5.5e12
+    fp32_flops: float = 67e12  # fp32 FLOP/s on CUDA cores (H100 SXM / H200 datasheets)
+    # Bytes/s read through L2: Chips and Cheese measured 5.5 TB/s on an H100 PCIe ("Nvidia's H100:
+    # Funny L2, and Tons of Bandwidth", 2023: 114 SMs at 1,755 MHz), scaled by SMs x clock to the SXM
+    # parts (132 SMs at 1,980 MHz): assumed. (The H200 rerun's memvp forward moved the model's 959 MB
+    # through L2 in 145 us, >= 6.6 TB/s: the unscaled figure was too low.)
+    l2_bandwidth: float = 5.5e12 * 132 / 114 * 1980 / 1755
     latency: float = 600e-9  # a load's round trip to DRAM under load: assumed (idle Hopper microbenchmarks: ~500 ns)
     launch: float = 3e-6  # a kernel's launch, ramp-up and drain on the GPU: assumed
 
@@ -46,7 +51,8 @@ class Hardware:
 # SPEC.md section 8: H100 copy bandwidth as measured on a machine of this workplace; A100 datasheet.
 # L2 sizes and SM counts: the vendors' datasheets.
 H100 = Hardware("H100 SXM", 3.0e12, 800e12, 50e6, 132)
-A100 = Hardware("A100 80GB", 2.0e12, 312e12, 40e6, 108, l2_bandwidth=4.0e12)  # L2: assumed 2x DRAM, as on H100
+A100 = Hardware("A100 80GB", 2.0e12, 312e12, 40e6, 108, fp32_flops=19.5e12,
+                l2_bandwidth=4.0e12)  # L2: assumed 2x DRAM
 # Copy bandwidth and bf16 matrix rate measured by vlfast.gpucheck on an H200
 # (benchmarks/results/gpu/h200-2026-11-30); 132 SMs and 60 MiB of L2 as the device reported.
 H200 = Hardware("H200", 4.24e12, 693e12, 60 * 2**20, 132)
@@ -61,16 +67,36 @@ TF32X3_SLOWDOWN = 6  # fp32 products run as 3 tf32 passes, tf32 at half the 16-b
 
 @dataclass(frozen=True)
 class Cost:
-    """A kernel (or an op's floor) as bytes moved to and from DRAM and FLOPs done, nothing else."""
+    """A kernel (or an op's floor) as bytes moved to and from DRAM, further bytes read through L2, and
+    FLOPs done (on tensor cores, or with `fp32` on CUDA cores)."""
 
     bytes: float
     flops: float
+    l2: float = 0.0
+    fp32: bool = False
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.bytes + other.bytes, self.flops + other.flops)
+        return Cost(self.bytes + other.bytes, self.flops + other.flops, self.l2 + other.l2, self.fp32 or other.fp32)
 
     def seconds(self, hw: Hardware) -> float:
-        return max(self.bytes / hw.bandwidth, self.flops / hw.matrix_flops)
+        rate = hw.fp32_flops if self.fp32 else hw.matrix_flops
+        return max(self.bytes / hw.bandwidth, (self.bytes + self.l2) / hw.l2_bandwidth, self.flops / rate)
+
+
+# The output tile through which cuBLAS reads the eager chains' matrix product operands from L2:
+# assumed 256 x 256 (Hopper kernels of 128 x 256 tiles in clusters of two that share their loads).
+# Smaller would make the 8192^3 bf16 product vlfast.gpucheck measured at 717 TFLOP/s on the H200
+# L2-bound, slower than measured.
+GEMM_TILE = 256
+
+
+def matmul(rows: int, cols: int, inner: int, itemsize: int, batch: int = 1) -> Cost:
+    """One (batched) product (rows x inner) @ (inner x cols) as cuBLAS runs it: each operand read once
+    from DRAM and re-read through L2 by every further tile along the other side, the result written."""
+    a, b = rows * inner, inner * cols
+    rereads = a * (triton.cdiv(cols, GEMM_TILE) - 1) + b * (triton.cdiv(rows, GEMM_TILE) - 1)
+    return Cost(itemsize * batch * (a + b + rows * cols), 2.0 * batch * rows * cols * inner,
+                itemsize * batch * rereads, fp32=itemsize == 4)
 
 
 def resident_programs(warps: int) -> int:
@@ -214,27 +240,26 @@ def cross_attention_eager(s: AttentionShape, backward: bool = False) -> list[Cos
     and writing its output in the input dtype; the (B, Lk) mask's own small kernels cost a launch."""
     e = s.itemsize
     scores = e * s.bh * s.q_len * s.kv_len
-    q, kv = e * s.elements(s.q_len), e * s.elements(s.kv_len)
-    mm = 2.0 * s.bh * s.q_len * s.kv_len * s.head_dim
+    lq, lk, d = s.q_len, s.kv_len, s.head_dim
     masked = [Cost(2 * scores + s.batch * s.kv_len, 0), Cost(2 * scores, 0), Cost(2 * scores, 0)] if s.masked else []
     forward = [
-        Cost(q + kv + scores, mm),  # q @ k^T
+        matmul(lq, lk, d, e, s.bh),  # q @ k^T
         Cost(2 * scores, 0),  # * scale
         *([Cost(2 * s.batch * s.kv_len, 0)] * 2 if s.masked else []),  # ~mask, mask.any
         *masked,  # masked_fill, where(has_keys, ., 0), softmax's output * has_keys
         Cost(2 * scores, 0),  # softmax
-        Cost(scores + kv + q, mm),  # p @ v
+        matmul(lq, d, lk, e, s.bh),  # p @ v
     ]
     if not backward:
         return forward
     return forward + [
-        Cost(q + kv + scores, mm),  # dp = do @ v^T
-        Cost(scores + q + kv, mm),  # dv = p^T @ do
+        matmul(lq, lk, d, e, s.bh),  # dp = do @ v^T
+        matmul(lk, d, lq, e, s.bh),  # dv = p^T @ do
         *masked,  # * has_keys, where and masked_fill backward
         Cost(3 * scores, 0),  # softmax backward: reads p, dp; writes ds
         Cost(2 * scores, 0),  # * scale backward
-        Cost(scores + kv + q, mm),  # dq = ds @ k
-        Cost(scores + q + kv, mm),  # dk = ds^T @ q
+        matmul(lq, d, lk, e, s.bh),  # dq = ds @ k
+        matmul(lk, d, lq, e, s.bh),  # dk = ds^T @ q
     ]
 
 
@@ -259,12 +284,11 @@ def memvp_floor(s: MemVPShape, backward: bool = False) -> Cost:
 
 
 def memvp_config(s: MemVPShape) -> dict:
-    """kernels/memvp_memory.py's launch_config for this shape, as on a GPU, and under "memory" the
-    tiles of its memory-gradient kernel."""
-    from vlfast.kernels.memvp_memory import launch_config, memory_kernel_config
+    """kernels/memvp_memory.py's launch_config for this shape, as on a GPU."""
+    from vlfast.kernels.memvp_memory import launch_config
 
     x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
-    return {**launch_config(x, s.memory, interpret=False), "memory": memory_kernel_config(x, interpret=False)}
+    return launch_config(x, s.memory, interpret=False)
 
 
 def _memvp_activation(s: MemVPShape, t: dict, hw: Hardware, backward: bool) -> Launch:
@@ -329,7 +353,8 @@ def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False)
     if not backward:
         return [_memvp_activation(s, cfg["act"], hw, False),
                 _memvp_product(s, cfg["product"], s.itemsize, hw, "product")]
-    return [_memvp_activation(s, cfg["act_backward"], hw, True), _memvp_product(s, cfg["product"], 4, hw, "dx"),
+    return [_memvp_activation(s, cfg["act_backward"], hw, True),
+            _memvp_product(s, cfg["product"], 4, hw, "dx"),
             _memvp_memory_gradient(s, cfg["memory"], hw, "keys"),
             _memvp_memory_gradient(s, cfg["memory"], hw, "values"),
             Cost((4 + s.itemsize) * s.batch * s.elements(s.memory), 0)]  # dz.to(z.dtype)
@@ -338,29 +363,28 @@ def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False)
 def memvp_eager(s: MemVPShape, dropout: bool = True, backward: bool = False) -> list[Cost]:
     """The unfused chain: K = z + key_pos, V = z + value_pos, a = x K^T, silu, dropout, h V, * scale;
     and autograd's backward of it (without dropout)."""
-    e = s.itemsize
-    x, mem, pos = s.batch * s.elements(s.length), s.batch * s.elements(s.memory), s.elements(s.memory)
-    act = s.batch * s.length * s.memory
-    mm = 2.0 * s.batch * s.length * s.memory * s.dim
+    e, b, length, m, d = s.itemsize, s.batch, s.length, s.memory, s.dim
+    x, mem, pos = b * s.elements(length), b * s.elements(m), s.elements(m)
+    act = b * length * m
     forward = [
         Cost(e * (2 * mem + pos), 0),  # K = z + key_pos
         Cost(e * (2 * mem + pos), 0),  # V = z + value_pos
-        Cost(e * (x + mem + act), mm),  # x @ K^T
+        matmul(length, m, d, e, b),  # x @ K^T
         Cost(e * 2 * act, 0),  # silu
         *([Cost(e * 2 * act + act, 0)] if dropout else []),  # dropout (writes a bool mask)
-        Cost(e * (act + mem + x), mm),  # h @ V
+        matmul(length, d, m, e, b),  # h @ V
         Cost(e * 2 * x, 0),  # * scale
     ]
     if not backward:
         return forward
     return forward + [
         Cost(e * 2 * x, 0),  # * scale
-        Cost(e * (x + mem + act), mm),  # dh = g V^T
-        Cost(e * (act + x + mem), mm),  # dV = h^T g
+        matmul(length, m, d, e, b),  # dh = g V^T
+        matmul(m, d, length, e, b),  # dV = h^T g
         Cost(e * (mem + pos), 0),  # dvalue_pos = dV summed over samples
         Cost(e * 3 * act, 0),  # silu backward
-        Cost(e * (act + mem + x), mm),  # dx = da K
-        Cost(e * (act + x + mem), mm),  # dK = da^T x
+        matmul(length, d, m, e, b),  # dx = da K
+        matmul(m, d, length, e, b),  # dK = da^T x
         Cost(e * (mem + pos), 0),  # dkey_pos
         Cost(e * 3 * mem, 0),  # dz = dK + dV
     ]
@@ -455,15 +479,14 @@ def routed_adapter_eager(s: AdapterShape, backward: bool = False) -> list[Cost]:
     """The kernels of vlfast.ops.reference.routed_adapter_autograd (no dropout): h = x W_d^T + b_d,
     y_e = h W_u[e]^T + b_u[e] stacked, weighted by the routing weights, summed over experts, * scale,
     + x; and autograd's backward of it. The router's (B, E)-sized kernels cost a launch each."""
-    e, n, experts = s.itemsize, s.tokens, s.experts
-    x, h = e * n * s.dim, e * n * s.rank
-    mm = 2.0 * n * s.dim * s.rank
+    e, n, experts, d, r = s.itemsize, s.tokens, s.experts, s.dim, s.rank
+    x, h = e * n * d, e * n * r
     small = Cost(0, 0)
     forward = [
         *[small] * 4,  # router: product, + bias, / temperature, softmax
-        Cost(x + h, mm),  # x W_d^T
+        matmul(n, r, d, e),  # x W_d^T
         Cost(2 * h, 0),  # + b_d
-        *[Cost(h + x, mm), Cost(2 * x, 0)] * experts,  # h W_u[e]^T, + b_u[e]
+        *[matmul(n, d, r, e), Cost(2 * x, 0)] * experts,  # h W_u[e]^T, + b_u[e]
         Cost(2 * experts * x, 0),  # stack
         Cost(2 * experts * x, 0),  # * routing weights
         Cost(experts * x + x, 0),  # sum over experts
@@ -476,10 +499,10 @@ def routed_adapter_eager(s: AdapterShape, backward: bool = False) -> list[Cost]:
         Cost(2 * x, 0),  # * scale
         Cost(x + experts * x, 0),  # d(stacked) = g * routing weights
         Cost(experts * x + x + experts * x, 0), Cost(experts * x, 0),  # d(routing weights): g * stacked, summed
-        *[Cost(x, 0), Cost(x + h, mm), Cost(x + h, mm)] * experts,  # d b_u[e], dh_e = dy W_u[e], dW_u[e] = dy^T h
+        *[Cost(x, 0), matmul(n, r, d, e), matmul(d, r, n, e)] * experts,  # d b_u[e], dh_e = dy W_u[e], dW_u[e] = dy^T h
         Cost(experts * h, 0),  # dh summed over experts
         Cost(h, 0),  # d b_d
-        Cost(h + x, mm), Cost(h + x, mm),  # dh W_d, dh^T x
+        matmul(n, d, r, e), matmul(r, d, n, e),  # dh W_d, dh^T x
         Cost(3 * x, 0),  # dx = g + dh W_d
         *[small] * 6,  # router backward
     ]
