@@ -222,8 +222,10 @@ def launch_config(x: torch.Tensor, rank: int, experts: int, interpret: bool | No
             **dot_options(x, interpret)}
 
 
-# Pipeline stages of the forward: Triton's default three spill a few bytes on sm_90.
-FORWARD_STAGES = 2
+def forward_stages(x: torch.Tensor) -> int:
+    """Pipeline stages of the forward, whose loop steps wait on their loads: Triton's default three
+    spill a few bytes on sm_90; four (three steps' loads in flight) do not in 16-bit, two in fp32."""
+    return 4 if x.element_size() == 2 else 2
 
 
 def columns_config(x: torch.Tensor, rank: int, interpret: bool | None = None) -> dict:
@@ -258,7 +260,7 @@ def routed_adapter_forward(x, router_input, router_weight, router_bias, down_wei
     routed_adapter_fwd_kernel[(min(blocks, resident_programs(x.device)),)](
         x, router_input, router_weight, router_bias, down_weight, down_bias, up_weight, up_bias, out,
         batch, length, dim, rank, experts, temperature, scale, **dropout_args(dropout_p, seed),
-        DROPOUT=dropout_p > 0, num_stages=FORWARD_STAGES, **cfg,
+        DROPOUT=dropout_p > 0, num_stages=forward_stages(x), **cfg,
     )
     return out.to(x.dtype)
 
@@ -307,7 +309,7 @@ def report_specs() -> list[KernelSpec]:
             KernelSpec(routed_adapter_fwd_kernel, {
                 "x_ptr": t, "router_input_ptr": t, "router_weight_ptr": t, "router_bias_ptr": t, **params,
                 "out_ptr": t, "batches": "i32", **sizes, "temperature": "fp32", "scale": "fp32", **dropout},
-                {"DROPOUT": True, **cfg}, warps, label, FORWARD_STAGES, values),
+                {"DROPOUT": True, **cfg}, warps, label, forward_stages(x), values),
             KernelSpec(routed_adapter_bwd_rows_kernel, {
                 "x_ptr": t, "dout_ptr": t, "weights_ptr": "*fp32", **params, "hidden_ptr": "*fp32",
                 "dhidden_ptr": "*fp32", "dx_ptr": t, **sizes, "scale": "fp32", **dropout},

@@ -422,12 +422,12 @@ def adapter_config(s: AdapterShape) -> dict:
     """kernels/routed_adapter.py's tiles for this shape, as on a GPU: "rows" (the forward and the
     backward's row kernel), "columns" (its column kernel), "programs_per_sm" and "forward_stages"
     (the persistent forward's programs per SM and pipeline stages)."""
-    from vlfast.kernels.routed_adapter import FORWARD_STAGES, PROGRAMS_PER_SM, columns_config, launch_config
+    from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, columns_config, forward_stages, launch_config
 
     x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
     return {"rows": launch_config(x, s.rank, s.experts, interpret=False),
             "columns": columns_config(x, s.rank, interpret=False), "programs_per_sm": PROGRAMS_PER_SM,
-            "forward_stages": FORWARD_STAGES}
+            "forward_stages": forward_stages(x)}
 
 
 # PyTorch kernels of the routed_adapter backward outside the Triton ones (routing weights, the
