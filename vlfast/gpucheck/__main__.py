@@ -66,7 +66,8 @@ def _run_part(args: argparse.Namespace) -> None:
 
             measured = json.loads(args.hardware)
             hw = Hardware(measured["name"], measured["copy_bandwidth_measured"],
-                          measured["bf16_matmul_flops_measured"], measured["l2_bytes"], measured["sms"])
+                          measured["bf16_matmul_flops_measured"], measured["l2_bytes"], measured["sms"],
+                          fp32_flops=measured["fp32_matmul_flops_measured"])
             for name in args.ops:
                 for dtype in args.dtypes:
                     compile_eager = args.compile and dtype == "bfloat16"  # compiling is slow: the training dtype

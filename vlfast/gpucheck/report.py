@@ -84,8 +84,9 @@ def write_report(summary: dict, path: Path) -> None:
         lines += [f"Device: {hardware['name']} (sm_{hardware['capability'].replace('.', '')}, {hardware['sms']} SMs, "
                   f"{hardware['l2_bytes'] / 2**20:.0f} MiB L2); measured now: copy "
                   f"{hardware['copy_bandwidth_measured'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
-                  f"{hardware['bf16_matmul_flops_measured'] / 1e12:.0f} TFLOP/s. "
-                  "Projections below use these two measured ceilings.", ""]
+                  f"{hardware['bf16_matmul_flops_measured'] / 1e12:.0f} TFLOP/s, fp32 matmul (no tf32) "
+                  f"{hardware['fp32_matmul_flops_measured'] / 1e12:.0f} TFLOP/s. "
+                  "Projections below use these three measured ceilings.", ""]
     lines += ["## Correctness against the float64 reference", "",
               "Tolerance: flash-attention's rule (error <= 2x, gradients 3x, plain PyTorch's own error in the "
               "same dtype); outputs poisoned with NaN first.", "", *correctness_table(records), ""]

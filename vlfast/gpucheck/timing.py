@@ -32,19 +32,27 @@ def median_seconds(fn: Callable[[], object], grad_to_none: list[Tensor] | None =
 
 
 def measure_hardware(device: torch.device) -> tuple[Hardware, dict]:
-    """The device's ceilings as measured now: a 2 GiB device-to-device copy (bytes read + written) and
-    an 8192^3 bf16 matrix product."""
+    """The device's ceilings as measured now: a 2 GiB device-to-device copy (bytes read + written), an
+    8192^3 bf16 matrix product, and a 4096^3 fp32 one as PyTorch runs it by default (no tf32: the
+    eager chains' fp32 products)."""
     props = torch.cuda.get_device_properties(device)
     src = torch.empty(2**30, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.nbytes / median_seconds(lambda: dst.copy_(src))
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     matrix = 2 * 8192**3 / median_seconds(lambda: a @ a)
+    b = torch.randn(4096, 4096, dtype=torch.float32, device=device)
+    allow_tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        fp32 = 2 * 4096**3 / median_seconds(lambda: b @ b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    hw = Hardware(props.name, bandwidth, matrix, l2, props.multi_processor_count)
+    hw = Hardware(props.name, bandwidth, matrix, l2, props.multi_processor_count, fp32_flops=fp32)
     return hw, {"name": props.name, "sms": props.multi_processor_count, "l2_bytes": l2,
                 "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
-                "copy_bandwidth_measured": bandwidth, "bf16_matmul_flops_measured": matrix}
+                "copy_bandwidth_measured": bandwidth, "bf16_matmul_flops_measured": matrix,
+                "fp32_matmul_flops_measured": fp32}
 
 
 def _attention(dims: dict[str, int], dtype: torch.dtype, device: torch.device):
