@@ -95,6 +95,8 @@ def memvp_memory_torch(
     keep = None
     if dropout_p > 0:
         keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1], z.shape[1]), dropout_p, x.device)
+    if x.dtype == compute:  # casting to the same dtype is not free (~3 us a call on CPU)
+        return memvp_memory_autograd(x, z, key_pos, value_pos, scale, keep, dropout_p)
     out = memvp_memory_autograd(*(t.to(compute) for t in (x, z, key_pos, value_pos)), scale, keep, dropout_p)
     return out.to(x.dtype)
 
