@@ -95,7 +95,7 @@ def test_report_shows_timings_against_eager_and_the_projection(tmp_path):
                    {**timing, "implementation": "eager", "status": "ok", "median_s": 1e-4, "floor_bandwidth": 1e12,
                     "projected_floor_s": 3e-5, "projected_s": 9e-5},
                    {**timing, "implementation": "vlfast triton", "status": "ok", "median_s": 4e-4,
-                    "floor_bandwidth": 2.5e11, "projected_floor_s": 3e-5, "projected_s": 4e-5},
+                    "floor_bandwidth": 2.5e11, "projected_floor_s": 3e-5, "projected_s": 4e-5, "graph_s": 8e-5},
                    {"part": "hardware", "hardware": {
                        "name": "H200", "capability": "9.0", "sms": 132, "l2_bytes": 60 * 2**20,
                        "copy_bandwidth_measured": 4.24e12, "bf16_matmul_flops_measured": 7.17e14,
@@ -103,4 +103,5 @@ def test_report_shows_timings_against_eager_and_the_projection(tmp_path):
     write_report(summary, tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
     assert "copy 4.24 TB/s (read + write), bf16 matmul 717 TFLOP/s, fp32 matmul (no tf32) 51 TFLOP/s" in text
-    assert "| memvp_memory | bfloat16 | forward | vlfast triton | 400.0 | 0.25x | 250 | 40.0 | 10.00 |" in text
+    assert "| forward | vlfast triton | 400.0 | 0.25x | 250 | 80.0 | 40.0 | 10.00 | 2.00 |" in text
+    assert "| memvp_memory | bfloat16 | forward | eager | 100.0 | 1.00x | 1000 |  | 90.0 | 1.11 |  |" in text

@@ -1,8 +1,11 @@
 """GPU timings: each backend of each op against what users would run instead (the eager PyTorch
 chain, torch.compile of it, and for cross_attention torch's SDPA kernels), at the shapes the cost
 model projects. CUDA events through triton.testing.do_bench (L2 flushed before every run, median),
-with the device's copy bandwidth and matrix rate measured first; the projection is recomputed with
-those measured ceilings so measured / projected compares like with like."""
+which include the host's time to issue a call whenever the GPU outruns it; then the same calls
+replayed from a CUDA graph (triton.testing.do_bench_cudagraph: GPU time alone, L2 not flushed),
+which is what the cost model projects. The device's copy bandwidth and matrix rates are measured
+first; the projection is recomputed with those measured ceilings so measured / projected compares
+like with like."""
 from __future__ import annotations
 
 import time
@@ -11,13 +14,13 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from vlfast.costmodel.kernels import Hardware, project
 from vlfast.ops import cross_attention, memvp_memory, routed_adapter
 from vlfast.ops.reference import cross_attention_autograd, memvp_memory_autograd, routed_adapter_autograd
 
-WARMUP_MS, REP_MS = 25, 100
+WARMUP_MS, REP_MS, GRAPH_REP_MS = 25, 100, 20
 
 # (op, dims): the shapes of benchmarks/test_*.py's projections.
 SHAPES = {
@@ -29,6 +32,11 @@ SHAPES = {
 
 def median_seconds(fn: Callable[[], object], grad_to_none: list[Tensor] | None = None) -> float:
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=grad_to_none, return_mode="median") * 1e-3
+
+
+def graph_seconds(fn: Callable[[], object], grad_to_none: list[Tensor] | None = None) -> float:
+    """Median GPU time of one call replayed from a CUDA graph of many: no host time in it."""
+    return do_bench_cudagraph(fn, rep=GRAPH_REP_MS, grad_to_none=grad_to_none, return_mode="median") * 1e-3
 
 
 def measure_hardware(device: torch.device) -> tuple[Hardware, dict]:
@@ -150,6 +158,11 @@ def time_op(op: str, dtype: torch.dtype, device: torch.device, hw: Hardware, com
                     torch.cuda.synchronize(device)  # raises when the failure took the CUDA context with it
                 continue
             row = {**record, "status": "ok", "median_s": seconds}
+            try:
+                row["graph_s"] = graph_seconds(call, grads)
+            except Exception as error:  # not capturable (a host sync, say): the events' time stands alone
+                row["graph_reason"] = f"{type(error).__name__}: {error}"[:300]
+                torch.cuda.synchronize(device)
             row["floor_bandwidth"] = projection["floor_bytes"] / seconds  # the op's useful bytes per second
             row["projected_floor_s"] = projection["floor_s"]
             key = {"eager": "eager_s", "vlfast triton": "fused_s",
