@@ -105,3 +105,34 @@ def test_report_shows_timings_against_eager_and_the_projection(tmp_path):
     assert "copy 4.24 TB/s (read + write), bf16 matmul 717 TFLOP/s, fp32 matmul (no tf32) 51 TFLOP/s" in text
     assert "| forward | vlfast triton | 400.0 | 0.25x | 250 | 80.0 | 40.0 | 10.00 | 2.00 |" in text
     assert "| memvp_memory | bfloat16 | forward | eager | 100.0 | 1.00x | 1000 |  | 90.0 | 1.11 |  |" in text
+
+
+def test_timing_records_events_then_graph_time_and_survives_an_uncapturable_call(monkeypatch):
+    """The timing loop's bookkeeping, with the two GPU timers replaced by counters: every
+    implementation that runs gets its events time, then its CUDA-graph time or why not."""
+    from vlfast.costmodel import H100
+    from vlfast.gpucheck import timing
+
+    order = []
+
+    def events(call, grads):
+        call()
+        order.append("events")
+        return 1e-3
+
+    def graph(call, grads):
+        order.append("graph")
+        if len(order) % 3 == 0:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 5e-4
+
+    monkeypatch.setattr(timing, "median_seconds", events)
+    monkeypatch.setattr(timing, "graph_seconds", graph)
+    monkeypatch.setitem(timing.SHAPES, "cross_attention", dict(B=1, H=2, Lq=4, Lk=9, D=8))
+    records = list(timing.time_op("cross_attention", torch.float32, torch.device("cpu"), H100, compile_eager=False))
+    ran = [r for r in records if r["status"] == "ok"]
+    assert "eager" in {r["implementation"] for r in ran} and len(ran) < len(records)  # SDPA's CUDA kernels refuse
+    assert all(("graph_s" in r) != ("graph_reason" in r) for r in ran)
+    assert any("graph_reason" in r for r in ran) and any(r.get("graph_s") == 5e-4 for r in ran)
+    per_pass = len(ran) // 2
+    assert order == (["events"] * per_pass + ["graph"] * per_pass) * 2  # a pass's events before any capture
