@@ -20,7 +20,7 @@ tensor-core product, it is first multiplied by a power of 2 per row of the produ
 (uniform along the reduction), and the fp32 product by its inverse (`_fp16_safe_factor`); the factor
 is 1 below 2^15, so ordinary inputs round exactly as before. The backward's operands are fp32 in
 memory, so each tile finds its own factor. The forward's activation stays fp16 in memory with one
-fp32 factor per (row, activation tile) beside it (1/32 more bytes at BLOCK_M = 64), which costs less
+fp32 factor per (row, activation tile) beside it (1/64 more bytes at BLOCK_M = 128), which costs less
 traffic than writing the activation in fp32 (twice the bytes, read once per D tile of the product).
 
 Dropout is counter-based (`kernels/utils.py: dropout_factor`), so the mask is regenerated from the

@@ -100,8 +100,12 @@ def test_eager_matrix_products_pay_cublas_tiles_l2_and_the_fp32_rate():
     product = matmul(512, 320, 4096, 2, batch=8)
     assert product.bytes == 2 * 8 * (512 * 4096 + 4096 * 320 + 512 * 320)
     assert product.l2 == 2 * 8 * (512 * 4096 + 4096 * 320)
-    assert product.seconds(H200) == pytest.approx((product.bytes + product.l2) / H200.l2_bandwidth)  # L2-bound
     assert matmul(256, 256, 64, 2).l2 == 0
+    # 16 x 16 tiles of a 4096^2 output over 128: its operands' re-reads make it L2-bound (by 11% on the H200)
+    wide = matmul(4096, 4096, 128, 2)
+    l2_bound = (wide.bytes + wide.l2) / H200.l2_bandwidth
+    assert wide.seconds(H200) == pytest.approx(l2_bound)
+    assert l2_bound > 1.1 * max(wide.bytes / H200.bandwidth, wide.flops / H200.matrix_flops)
     # The 8192^3 bf16 product stays compute-bound, as vlfast.gpucheck measured it on the H200 (717 TFLOP/s);
     # in fp32 it runs on CUDA cores (PyTorch's default: no tf32), 12x slower on an H100
     square = 8192

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 from vlfast.gpucheck import correctness
@@ -136,3 +137,14 @@ def test_timing_records_events_then_graph_time_and_survives_an_uncapturable_call
     assert any("graph_reason" in r for r in ran) and any(r.get("graph_s") == 5e-4 for r in ran)
     per_pass = len(ran) // 2
     assert order == (["events"] * per_pass + ["graph"] * per_pass) * 2  # a pass's events before any capture
+
+
+def test_measured_ceilings_make_the_cost_models_hardware():
+    from vlfast.costmodel import H100
+    from vlfast.gpucheck.timing import hardware
+
+    measured = {"name": "A100-SXM4-80GB", "sms": 108, "l2_bytes": 40 * 2**20, "copy_bandwidth_measured": 1.9e12,
+                "bf16_matmul_flops_measured": 2.8e14, "fp32_matmul_flops_measured": 1.8e13}
+    hw = hardware(measured)
+    assert (hw.bandwidth, hw.matrix_flops, hw.fp32_flops, hw.sms) == (1.9e12, 2.8e14, 1.8e13, 108)
+    assert hw.l2_bandwidth == pytest.approx(H100.l2_bandwidth * 108 / 132)  # not measured: scaled by SMs

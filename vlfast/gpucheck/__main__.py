@@ -58,16 +58,12 @@ def _run_part(args: argparse.Namespace) -> None:
         elif kind == "hardware":
             from vlfast.gpucheck.timing import measure_hardware
 
-            emit({"hardware": measure_hardware(device)[1]})
+            emit({"hardware": measure_hardware(device)})
         elif kind == "timing":
-            from vlfast.costmodel.kernels import Hardware
             from vlfast.gpucheck.correctness import DTYPES
-            from vlfast.gpucheck.timing import time_op
+            from vlfast.gpucheck.timing import hardware, time_op
 
-            measured = json.loads(args.hardware)
-            hw = Hardware(measured["name"], measured["copy_bandwidth_measured"],
-                          measured["bf16_matmul_flops_measured"], measured["l2_bytes"], measured["sms"],
-                          fp32_flops=measured["fp32_matmul_flops_measured"])
+            hw = hardware(json.loads(args.hardware))
             for name in args.ops:
                 for dtype in args.dtypes:
                     compile_eager = args.compile and dtype == "bfloat16"  # compiling is slow: the training dtype

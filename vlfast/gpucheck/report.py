@@ -87,9 +87,10 @@ def write_report(summary: dict, path: Path) -> None:
         lines += [f"Device: {hardware['name']} (sm_{hardware['capability'].replace('.', '')}, {hardware['sms']} SMs, "
                   f"{hardware['l2_bytes'] / 2**20:.0f} MiB L2); measured now: copy "
                   f"{hardware['copy_bandwidth_measured'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
-                  f"{hardware['bf16_matmul_flops_measured'] / 1e12:.0f} TFLOP/s, fp32 matmul (no tf32) "
-                  f"{hardware['fp32_matmul_flops_measured'] / 1e12:.0f} TFLOP/s. "
-                  "Projections below use these three measured ceilings.", ""]
+                  f"{hardware['bf16_matmul_flops_measured'] / 1e12:.0f} TFLOP/s"
+                  + (f", fp32 matmul (no tf32) {hardware['fp32_matmul_flops_measured'] / 1e12:.0f} TFLOP/s"
+                     if "fp32_matmul_flops_measured" in hardware else "")  # runs before 2026-12-01 lack it
+                  + ". Projections below use these measured ceilings.", ""]
     lines += ["## Correctness against the float64 reference", "",
               "Tolerance: flash-attention's rule (error <= 2x, gradients 3x, plain PyTorch's own error in the "
               "same dtype); outputs poisoned with NaN first.", "", *correctness_table(records), ""]
@@ -97,7 +98,7 @@ def write_report(summary: dict, path: Path) -> None:
     lines += ["Every case that did not pass:", "", *(found or ["- none"]), ""]
     lines += ["## Timings (CUDA events, median, L2 flushed before each run)", "",
               "Useful GB/s: the op's one-read-one-write bytes over the measured time. CUDA graph: the same call "
-              "replayed from a CUDA graph, GPU time without the host's (L2 not flushed between calls). Projected: "
+              "replayed from a CUDA graph after an L2 flush, GPU time without the host's. Projected: "
               "vlfast.costmodel's model of the kernel as launched (fused Triton) or of the eager chain, at the "
               "measured ceilings; it models GPU time, so graph / projected is the model's error and measured / "
               "graph the host's share.", "",

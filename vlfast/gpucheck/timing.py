@@ -2,25 +2,28 @@
 chain, torch.compile of it, and for cross_attention torch's SDPA kernels), at the shapes the cost
 model projects. CUDA events through triton.testing.do_bench (L2 flushed before every run, median),
 which include the host's time to issue a call whenever the GPU outruns it; then the same calls
-replayed from a CUDA graph (triton.testing.do_bench_cudagraph: GPU time alone, L2 not flushed),
-which is what the cost model projects. The device's copy bandwidth and matrix rates are measured
+replayed from CUDA graphs, each after an L2 flush, less a graph of the flushes alone: GPU time
+alone, which is what the cost model projects. The device's copy bandwidth and matrix rates are measured
 first; the projection is recomputed with those measured ceilings so measured / projected compares
 like with like."""
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench
 
-from vlfast.costmodel.kernels import Hardware, project
+from vlfast.costmodel.kernels import H100, Hardware, project
 from vlfast.ops import cross_attention, memvp_memory, routed_adapter
 from vlfast.ops.reference import cross_attention_autograd, memvp_memory_autograd, routed_adapter_autograd
 
-WARMUP_MS, REP_MS, GRAPH_REP_MS = 25, 100, 20
+WARMUP_MS, REP_MS = 25, 100
+GRAPH_CALLS, GRAPH_REPLAYS = 20, 10  # calls captured per graph, replays timed
+L2_FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench: several times any L2
 
 # (op, dims): the shapes of benchmarks/test_*.py's projections.
 SHAPES = {
@@ -35,11 +38,37 @@ def median_seconds(fn: Callable[[], object], grad_to_none: list[Tensor] | None =
 
 
 def graph_seconds(fn: Callable[[], object], grad_to_none: list[Tensor] | None = None) -> float:
-    """Median GPU time of one call replayed from a CUDA graph of many: no host time in it."""
-    return do_bench_cudagraph(fn, rep=GRAPH_REP_MS, grad_to_none=grad_to_none, return_mode="median") * 1e-3
+    """Median GPU time of one call after an L2 flush, with no host time in it: a CUDA graph of
+    GRAPH_CALLS (flush, call) pairs replayed, less a graph of the flushes alone."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def capture(calls: bool) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                flush.zero_()
+                if calls:
+                    for tensor in grad_to_none or ():
+                        tensor.grad = None
+                    fn()
+        return graph
+
+    def replay(graph: torch.cuda.CUDAGraph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e-3 / GRAPH_CALLS
+
+    with torch.cuda.stream(torch.cuda.Stream()):
+        fn()  # warm-up off the capturing stream, as CUDA graphs require
+    torch.cuda.synchronize()
+    both, flushes = capture(True), capture(False)
+    return statistics.median(replay(both) - replay(flushes) for _ in range(GRAPH_REPLAYS))
 
 
-def measure_hardware(device: torch.device) -> tuple[Hardware, dict]:
+def measure_hardware(device: torch.device) -> dict:
     """The device's ceilings as measured now: a 2 GiB device-to-device copy (bytes read + written), an
     8192^3 bf16 matrix product, and a 4096^3 fp32 one as PyTorch runs it by default (no tf32: the
     eager chains' fp32 products)."""
@@ -55,12 +84,18 @@ def measure_hardware(device: torch.device) -> tuple[Hardware, dict]:
         fp32 = 2 * 4096**3 / median_seconds(lambda: b @ b)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    hw = Hardware(props.name, bandwidth, matrix, l2, props.multi_processor_count, fp32_flops=fp32)
-    return hw, {"name": props.name, "sms": props.multi_processor_count, "l2_bytes": l2,
-                "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
-                "copy_bandwidth_measured": bandwidth, "bf16_matmul_flops_measured": matrix,
-                "fp32_matmul_flops_measured": fp32}
+    return {"name": props.name, "sms": props.multi_processor_count,
+            "l2_bytes": getattr(props, "L2_cache_size", 50 * 2**20), "memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}", "copy_bandwidth_measured": bandwidth,
+            "bf16_matmul_flops_measured": matrix, "fp32_matmul_flops_measured": fp32}
+
+
+def hardware(measured: dict) -> Hardware:
+    """The cost model's Hardware at the measured ceilings; L2 bandwidth is not measured: the model's
+    H100 SXM figure scaled by the SM count (assumed: the same clock and bytes per SM)."""
+    return Hardware(measured["name"], measured["copy_bandwidth_measured"], measured["bf16_matmul_flops_measured"],
+                    measured["l2_bytes"], measured["sms"], fp32_flops=measured["fp32_matmul_flops_measured"],
+                    l2_bandwidth=H100.l2_bandwidth * measured["sms"] / H100.sms)
 
 
 def _attention(dims: dict[str, int], dtype: torch.dtype, device: torch.device):
@@ -132,6 +167,7 @@ def time_op(op: str, dtype: torch.dtype, device: torch.device, hw: Hardware, com
         implementations["torch.compile(eager)"] = torch.compile(implementations["eager"], dynamic=False)
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     dout = torch.randn_like(tensors[0])  # every op's output has the shape of its first input
+    capturable = True
     for backward in (False, True):
         projection = project(op, dims, dtype, hw, backward)
         timed = []  # (row, call, grads): the CUDA-graph timings come after every call's events
@@ -167,11 +203,15 @@ def time_op(op: str, dtype: torch.dtype, device: torch.device, hw: Hardware, com
                 row["projected_s"] = projection[key]
             timed.append((row, call, grads))
         for row, call, grads in timed:
-            if time.monotonic() < deadline:
+            if capturable and time.monotonic() < deadline:
                 try:
                     row["graph_s"] = graph_seconds(call, grads)
                 except Exception as error:  # not capturable (a host sync, say): the events' time stands alone
                     row["graph_reason"] = f"{type(error).__name__}: {error}"[:300]
                     if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                        try:
+                            torch.cuda.synchronize(device)
+                        except RuntimeError as broken:  # the failure took the CUDA context with it
+                            row["graph_reason"] += f"; then {broken}"[:300]
+                            capturable = False  # the remaining rows keep their events time
             yield row
