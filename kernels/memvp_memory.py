@@ -169,15 +169,16 @@ def memvp_times_memory_kernel(
 
 @triton.jit
 def memvp_bwd_memory_kernel(
-    act_ptr, rows_ptr, dz_ptr, dpos_ptr,
+    act_ptr, rows_ptr, dz_in_ptr, dz_out_ptr, dpos_ptr,
     batches, length, memory, dim, factor,
     ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (memory rows, D columns) tile, one side of the memory gradient: G_b = factor * act_b^T
     rows_b summed over the L rows, with (act, rows) = (dpre, x) for the keys and (hidden, dout)
-    for the values. dz_b = G_b (or += G_b when ACCUMULATE: the second side), dpos = sum_b G_b.
-    fp16 act tiles are scaled per memory row to fit fp16 (`_fp16_safe_factor`)."""
+    for the values. dz_out_b = G_b (fp32), or with ACCUMULATE (the second side) dz_in_b + G_b in
+    dz_out's dtype; dpos = sum_b G_b. fp16 act tiles are scaled per memory row to fit fp16
+    (`_fp16_safe_factor`)."""
     mem = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tile_mask = (mem[:, None] < memory) & (cols[None, :] < dim)
@@ -200,11 +201,12 @@ def memvp_bwd_memory_kernel(
             else:
                 grad += tl.dot(tl.trans(act.to(rows.dtype)), rows, input_precision=PRECISION)
         grad = grad * factor
-        dz_ptrs = dz_ptr + (batch * memory + mem[:, None]).to(tl.int64) * dim + cols[None, :]
+        dz = (batch * memory + mem[:, None]).to(tl.int64) * dim + cols[None, :]
         if ACCUMULATE:
-            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=tile_mask, other=0.0) + grad, mask=tile_mask)
+            total = tl.load(dz_in_ptr + dz, mask=tile_mask, other=0.0) + grad
+            tl.store(dz_out_ptr + dz, total.to(dz_out_ptr.dtype.element_ty), mask=tile_mask)
         else:
-            tl.store(dz_ptrs, grad, mask=tile_mask)
+            tl.store(dz_out_ptr + dz, grad, mask=tile_mask)
         dpos += grad
     tl.store(dpos_ptr + mem[:, None] * dim + cols[None, :], dpos.to(dpos_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -212,8 +214,8 @@ def memvp_bwd_memory_kernel(
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
     """Tiles and warps of every kernel: `act` / `act_backward`, (rows x memory) activation tiles
     reduced over D (the backward holds two accumulators); `product`, (rows x D) output tiles reduced
-    over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced over rows. Chosen with
-    `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and shared memory within 99 KiB
+    over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced over rows.
+    Chosen with `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and shared memory within 99 KiB
     on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is re-read through L2 once per
     tile along the other side, so 128 x 128 activation tiles read x 3 times and z + pos 4 times at
     LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times). fp32 (3-pass tf32) takes smaller tiles."""
@@ -287,15 +289,16 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     written = storage_dtype(x.dtype)
     dx = new_output(x.shape, written, x.device)
     _times_memory(dpre, None, z, key_pos, dx, cfg)
-    # dz = dK + dV is summed in fp32 over two launches (keys, then values) and rounded once.
-    dz = new_output(z.shape, torch.float32, z.device)
+    # dz = dK + dV: the keys' launch writes dK in fp32, the values' adds dV and rounds once.
+    dkeys = new_output(z.shape, torch.float32, z.device)
+    dz = new_output(z.shape, written, z.device)
     dkey_pos = new_output(key_pos.shape, written, key_pos.device)
     dvalue_pos = new_output(value_pos.shape, written, value_pos.device)
     mcfg = cfg["memory"]
     grid = (triton.cdiv(memory, mcfg["BLOCK_M"]), triton.cdiv(dim, mcfg["BLOCK_D"]))
-    for act, rows, dpos, factor, accumulate in ((dpre, x, dkey_pos, 1.0, False),
-                                                (hidden, dout, dvalue_pos, scale, True)):
-        memvp_bwd_memory_kernel[grid](act, rows, dz, dpos, batch, length, memory, dim, factor,
+    for act, rows, out, dpos, factor, accumulate in ((dpre, x, dkeys, dkey_pos, 1.0, False),
+                                                     (hidden, dout, dz, dvalue_pos, scale, True)):
+        memvp_bwd_memory_kernel[grid](act, rows, dkeys, out, dpos, batch, length, memory, dim, factor,
                                       ACCUMULATE=accumulate, **mcfg)
     return dx.to(x.dtype), dz.to(z.dtype), dkey_pos.to(key_pos.dtype), dvalue_pos.to(value_pos.dtype)
 
@@ -331,8 +334,8 @@ def report_specs() -> list[KernelSpec]:
             KernelSpec(memvp_times_memory_kernel, {**product_args, "act_ptr": "*fp32"},
                        {"STORED_SCALES": False, **product}, product_warps, label + " backward (dx)", sizes=values),
             KernelSpec(memvp_bwd_memory_kernel, {
-                "act_ptr": "*fp32", "rows_ptr": t, "dz_ptr": "*fp32", "dpos_ptr": t, "batches": "i32",
-                "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},
+                "act_ptr": "*fp32", "rows_ptr": t, "dz_in_ptr": "*fp32", "dz_out_ptr": t, "dpos_ptr": t,
+                "batches": "i32", "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},
                 {"ACCUMULATE": True, **memory_cfg}, memory_warps, label, sizes=values),
         ]
     return specs

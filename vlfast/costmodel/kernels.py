@@ -329,7 +329,8 @@ def _memvp_product(s: MemVPShape, t: dict, act_itemsize: int, hw: Hardware, name
 def _memvp_memory_gradient(s: MemVPShape, t: dict, hw: Hardware, side: str) -> Launch:
     """memvp_bwd_memory_kernel, one side: a program per (memory tile, D tile) walks every sample's
     rows in BLOCK_L steps, reading the fp32 activation gradient once per D tile and x (or dout) once
-    per memory tile; writes dz in fp32 (the values side reads it back to add) and dpos."""
+    per memory tile; writes dpos, and dK in fp32 (keys) or dz = dK + dV in z's dtype (values, reading
+    dK back)."""
     e = s.itemsize
     mem_tiles, d_tiles = triton.cdiv(s.memory, t["BLOCK_M"]), triton.cdiv(s.dim, t["BLOCK_D"])
     programs, steps = mem_tiles * d_tiles, s.batch * triton.cdiv(s.length, t["BLOCK_L"])
@@ -338,26 +339,25 @@ def _memvp_memory_gradient(s: MemVPShape, t: dict, hw: Hardware, side: str) -> L
     sample = (act + rows) / s.batch
     a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
     r_dram, r_l2 = _reread(rows, mem_tiles * rows, sample, hw)
-    dz = 4 * s.batch * s.elements(s.memory) * (2 if side == "values" else 1)
+    dz = (4 + e if side == "values" else 4) * s.batch * s.elements(s.memory)
     return Launch(f"memory gradient ({side})", programs, t["num_warps"],
                   dram=a_dram + r_dram + dz + e * s.elements(s.memory), l2=a_l2 + r_l2,
                   flops=2.0 * programs * steps * t["BLOCK_L"] * t["BLOCK_M"] * t["BLOCK_D"], steps=steps,
                   fp32=e == 4)
 
 
-def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch | Cost]:
+def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch]:
     """The kernels of kernels/memvp_memory.py with the tiles of `cfg` (memvp_config). Forward: the
     activation kernel writes the (B, L, M) activation, the product kernel multiplies it by
     z + value_pos. Backward: the activation kernel's gradient mode, dx = dpre (z + key_pos) with the
-    product kernel, the memory-gradient kernel for each side, and PyTorch's cast of the fp32 dz."""
+    product kernel, and the memory-gradient kernel for each side."""
     if not backward:
         return [_memvp_activation(s, cfg["act"], hw, False),
                 _memvp_product(s, cfg["product"], s.itemsize, hw, "product")]
     return [_memvp_activation(s, cfg["act_backward"], hw, True),
             _memvp_product(s, cfg["product"], 4, hw, "dx"),
             _memvp_memory_gradient(s, cfg["memory"], hw, "keys"),
-            _memvp_memory_gradient(s, cfg["memory"], hw, "values"),
-            Cost((4 + s.itemsize) * s.batch * s.elements(s.memory), 0)]  # dz.to(z.dtype)
+            _memvp_memory_gradient(s, cfg["memory"], hw, "values")]
 
 
 def memvp_eager(s: MemVPShape, dropout: bool = True, backward: bool = False) -> list[Cost]:
