@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vqa_rule and not task.rules:
         cli.error(f"--vqa-rule applies to vqav2 and okvqa, not {task.name}")
     rule = args.vqa_rule or (task.rules[0] if task.rules else None)
-    processes = None
+    processes, finished = None, False
     try:
         split, benchmark = load_benchmark(task, args.data, args.split, args.image_dir, args.limit,
                                           check_images=not args.predictions)  # scoring a file needs no image
@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
                 rank=processes.rank, world=processes.world)
             details |= {"model": str(Path(args.model).resolve()), "processes": processes.world,
                         "generation_s": round(seconds, 1), **generation_details(generation)}
+            finished = True
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"vlfast.evaluate: error: {error}")
     finally:
         if processes is not None:
-            distributed.stop()
+            distributed.stop(finished)
     if processes is not None and not processes.main:
         return {}
     written = write_results(output_dir, task, split, predictions, scores, details)

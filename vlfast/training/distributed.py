@@ -50,6 +50,12 @@ def start(device: str) -> Processes:
     return Processes(rank, world, chosen)
 
 
-def stop() -> None:
+def stop(finished: bool) -> None:
+    """Leaves the process group. When every process `finished` its run, they first wait for each
+    other: one tearing the group down while another is still in a collective can abort (gloo's
+    "terminate called without an active exception", seen once in CI). After a failure torchrun
+    stops the others, so nobody waits."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

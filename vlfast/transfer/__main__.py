@@ -26,19 +26,21 @@ def main(argv: list[str] | None = None) -> dict:
         parts = experiment.prepare(config, processes.world)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"vlfast.transfer: error: {error}")
+    finished = False
     try:
         if processes.main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(config, out)
         with StopSignals() as signals:
             summary = experiment.run(config, parts, processes, signals)
+        finished = True
     except Interrupted as interruption:
         if processes.main:
             print(f"\n{interruption}\ncontinue with: python -m vlfast.transfer --resume --output-dir {out}",
                   file=sys.stderr)
         sys.exit(128 + interruption.signum)
     finally:
-        distributed.stop()
+        distributed.stop(finished)
     if processes.main:
         print(table(summary))
         print(f"\nreport: {out}/report.json, report.md, curves.png ({summary['total_s']} s in all)")
