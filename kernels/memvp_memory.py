@@ -211,32 +211,31 @@ def memvp_bwd_memory_kernel(
     tl.store(dpos_ptr + mem[:, None] * dim + cols[None, :], dpos.to(dpos_ptr.dtype.element_ty), mask=tile_mask)
 
 
+# (BLOCK_L, BLOCK_M, BLOCK_D, warps) of every kernel for 2-byte and 4-byte inputs (fp32: 3-pass tf32,
+# smaller tiles). The activation kernels' BLOCK_M is a cap: they take the memory's power of 2 up to it.
+TILES = {
+    2: {"act": (128, 128, 64, 8), "act_backward": (128, 64, 64, 8), "product": (128, 32, 128, 8),
+        "memory": (32, 64, 128, 8)},
+    4: {"act": (64, 64, 32, 8), "act_backward": (64, 32, 32, 8), "product": (128, 32, 64, 8),
+        "memory": (32, 64, 64, 8)},
+}
+
+
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
-    """Tiles and warps of every kernel: `act` / `act_backward`, (rows x memory) activation tiles
-    reduced over D (the backward holds two accumulators); `product`, (rows x D) output tiles reduced
-    over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced over rows.
-    Chosen with `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and shared memory within 99 KiB
-    on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is re-read through L2 once per
-    tile along the other side, so 128 x 128 activation tiles read x 3 times and z + pos 4 times at
-    LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times). fp32 (3-pass tf32) takes smaller tiles."""
+    """Tiles and warps of every kernel (TILES): `act` / `act_backward`, (rows x memory) activation
+    tiles reduced over D (the backward holds two accumulators); `product`, (rows x D) output tiles
+    reduced over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced
+    over rows. Chosen with `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and
+    shared memory within 99 KiB on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is
+    re-read through L2 once per tile along the other side, so 128 x 128 activation tiles read x 3
+    times and z + pos 4 times at LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times)."""
     dots = dot_options(x, interpret)
-    if x.element_size() == 2:
-        block_m = min(128, max(16, triton.next_power_of_2(memory)))
-        tiles = {
-            "act": dict(BLOCK_L=128, BLOCK_M=block_m, BLOCK_D=64, num_warps=8),
-            "act_backward": dict(BLOCK_L=128, BLOCK_M=min(block_m, 64), BLOCK_D=64, num_warps=8),
-            "product": dict(BLOCK_L=128, BLOCK_M=32, BLOCK_D=128, num_warps=8),
-            "memory": dict(BLOCK_L=32, BLOCK_M=64, BLOCK_D=128, num_warps=8),
-        }
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(memory)))
-        tiles = {
-            "act": dict(BLOCK_L=64, BLOCK_M=block_m, BLOCK_D=32, num_warps=8),
-            "act_backward": dict(BLOCK_L=64, BLOCK_M=min(block_m, 32), BLOCK_D=32, num_warps=8),
-            "product": dict(BLOCK_L=128, BLOCK_M=32, BLOCK_D=64, num_warps=8),
-            "memory": dict(BLOCK_L=32, BLOCK_M=64, BLOCK_D=64, num_warps=8),
-        }
-    return {kernel: {**t, **dots} for kernel, t in tiles.items()}
+    config = {}
+    for kernel, (block_l, block_m, block_d, warps) in TILES[x.element_size()].items():
+        if kernel.startswith("act"):
+            block_m = min(block_m, max(16, triton.next_power_of_2(memory)))
+        config[kernel] = dict(BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, **dots)
+    return config
 
 
 def _activation(x, z, key_pos, value_pos, dout, act, dpre, unscale, scale, dropout_p, seed, cfg) -> None:
