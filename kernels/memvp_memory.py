@@ -4,22 +4,24 @@ A one-head attention with SiLU instead of softmax, so no running maximum is need
 (M rows) is tiled like any matrix dimension: any M runs. The forward is two tiled matrix products:
 `memvp_activation_kernel` writes the (B, L, M) activation dropout(silu(x K^T)) * scale per
 (rows x memory) tile, accumulating over D, and `memvp_times_memory_kernel` multiplies it by V per
-(rows x D) tile, accumulating over M. Only that activation (M / D of x's size) makes the round trip
-through memory; K and V are formed tile by tile from z and the shared position rows, never
-materialised. (An earlier version held the whole memory per program and re-read K and V for every
-16 rows: 8.5x slower than plain PyTorch on an H200, and limited to M <= 512.)
+(rows x D) tile, accumulating over M. Only that activation and the fp32 pre-activation x K^T, kept
+for the backward (each M / D of x's size), make the round trip through memory; K and V are formed
+tile by tile from z and the shared position rows, never materialised. (An earlier version held the
+whole memory per program and re-read K and V for every 16 rows: 8.5x slower than plain PyTorch on an
+H200, and limited to M <= 512.)
 
-The backward runs the activation kernel in its gradient mode, writing the dropped activation and the
-pre-activation gradient (B, L, M) in fp32, then dx = dpre K with the same product kernel, then
-reduces over rows for dz, dkey_pos and dvalue_pos (`memvp_bwd_memory_kernel`), deterministically
-and without atomics.
+The backward runs the activation kernel in its gradient mode: the product dL/dhidden = dout V^T,
+and from the kept pre-activation (no recomputation over D) the dropped activation and the
+pre-activation gradient (B, L, M), in bf16 for bf16 inputs (as the unfused op holds them) and fp32
+otherwise; then dx = dpre K with the same product kernel, then reduces over rows for dz, dkey_pos
+and dvalue_pos (`memvp_bwd_memory_kernel`), deterministically and without atomics.
 
 fp16 (max 65504): the activation and dpre can pass the fp16 range where the fp32 reference and the
 op's results do not (x K^T of 2e5 with small V). Wherever such a tile is rounded to fp16 for a
 tensor-core product, it is first multiplied by a power of 2 per row of the product's result
 (uniform along the reduction), and the fp32 product by its inverse (`_fp16_safe_factor`); the factor
-is 1 below 2^15, so ordinary inputs round exactly as before. The backward's operands are fp32 in
-memory, so each tile finds its own factor. The forward's activation stays fp16 in memory with one
+is 1 below 2^15, so ordinary inputs round exactly as before. The fp16 backward's (B, L, M)
+operands are fp32 in memory, so each tile finds its own factor. The forward's activation stays fp16 in memory with one
 fp32 factor per (row, activation tile) beside it (1/64 more bytes at BLOCK_M = 128), which costs less
 traffic than writing the activation in fp32 (twice the bytes, read once per D tile of the product).
 
@@ -86,37 +88,38 @@ def _pre_activation(x_ptr, z_ptr, pos_ptr, batch, row0, m0, length, memory, dim,
 
 @triton.jit
 def memvp_activation_kernel(
-    x_ptr, z_ptr, key_pos_ptr, value_pos_ptr, dout_ptr, act_ptr, dpre_ptr, unscale_ptr,
+    rows_ptr, z_ptr, pos_ptr, pre_ptr, act_ptr, dpre_ptr, unscale_ptr,
     length, memory, dim, scale, keep_scale, seed, threshold,
     BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, FP16_SAFE: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (rows x memory) tile of the activation. Forward: act = dropout(silu(x K^T)) * scale, with
-    FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
-    Backward: act = dropout(silu(x K^T)) and dpre = dL/d(x K^T) = dropout(scale dout V^T silu'),
-    both fp32. Offsets are a 64-bit start per tile plus 32-bit offsets within it (B x L x D can
-    pass 2^31), computed after the loop so that they hold no registers during it."""
+    """One (rows x memory) tile of rows (z + pos)^T, accumulated over D in fp32, and what follows from it.
+    Forward (rows = x, pos = key_pos): stores pre = x K^T (fp32) and act = dropout(silu(pre)) * scale,
+    with FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
+    Backward (rows = dout, pos = value_pos: the product is dL/dhidden): from the stored pre, stores
+    act = dropout(silu(pre)) * scale and dpre = dropout(scale dhidden) silu'(pre) in act's dtype
+    (smaller tiles than the forward's: loading pre beside the product takes registers). Offsets are
+    a 64-bit start per tile plus 32-bit offsets within it (B x L x D can pass 2^31), computed after
+    the loop so that they hold no registers during it."""
     batch = tl.program_id(2)
     row0, m0 = tl.program_id(0) * BLOCK_L, tl.program_id(1) * BLOCK_M
-    pre = _pre_activation(x_ptr, z_ptr, key_pos_ptr, batch, row0, m0, length, memory, dim,
-                          BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-    if BACKWARD:
-        # dL/dhidden = dout (z + value_pos)^T: the same product as the pre-activation.
-        dhidden = _pre_activation(dout_ptr, z_ptr, value_pos_ptr, batch, row0, m0, length, memory, dim,
-                                  BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+    product = _pre_activation(rows_ptr, z_ptr, pos_ptr, batch, row0, m0, length, memory, dim,
+                              BLOCK_L, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
     rows, mem = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_M)
     start = (batch * length + row0).to(tl.int64) * memory + m0
     tile = rows[:, None] * memory + mem[None, :]
     inside = (row0 + rows[:, None] < length) & (m0 + mem[None, :] < memory)
     # The dropout hash takes the element's index modulo 2^32: int32 arithmetic wraps to the same bits.
     hashed = start.to(tl.int32) + tile
-    sig = tl.sigmoid(pre)
     if BACKWARD:
-        dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))  # silu'(a) = s (1 + a (1 - s))
-        drop_and_save(pre * sig, dpre, act_ptr + start, dpre_ptr + start, tile, hashed, inside, seed, threshold,
-                      keep_scale, DROPOUT)
+        pre = tl.load(pre_ptr + start + tile, mask=inside, other=0.0)
+        sig = tl.sigmoid(pre)
+        dpre = product * scale * sig * (1.0 + pre * (1.0 - sig))  # silu'(a) = s (1 + a (1 - s))
+        drop_and_save(pre * sig * scale, dpre, act_ptr + start, dpre_ptr + start, tile, hashed, inside, seed,
+                      threshold, keep_scale, DROPOUT)
     else:
-        hidden = pre * sig * scale
+        tl.store(pre_ptr + start + tile, product, mask=inside)
+        hidden = product * tl.sigmoid(product) * scale
         if DROPOUT:
             hidden = hidden * dropout_factor(seed, hashed, threshold, keep_scale)
         if FP16_SAFE:
@@ -170,13 +173,13 @@ def memvp_times_memory_kernel(
 @triton.jit
 def memvp_bwd_memory_kernel(
     act_ptr, rows_ptr, dz_in_ptr, dz_out_ptr, dpos_ptr,
-    batches, length, memory, dim, factor,
+    batches, length, memory, dim,
     ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per (memory rows, D columns) tile, one side of the memory gradient: G_b = factor * act_b^T
-    rows_b summed over the L rows, with (act, rows) = (dpre, x) for the keys and (hidden, dout)
-    for the values. dz_out_b = G_b (fp32), or with ACCUMULATE (the second side) dz_in_b + G_b in
+    """Per (memory rows, D columns) tile, one side of the memory gradient: G_b = act_b^T rows_b summed
+    over the L rows, with (act, rows) = (dpre, x) for the keys and (scale * hidden, dout) for the
+    values. dz_out_b = G_b (fp32), or with ACCUMULATE (the second side) dz_in_b + G_b in
     dz_out's dtype; dpos = sum_b G_b. fp16 act tiles are scaled per memory row to fit fp16
     (`_fp16_safe_factor`)."""
     mem = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -200,7 +203,6 @@ def memvp_bwd_memory_kernel(
                               input_precision=PRECISION) / fit[:, None]
             else:
                 grad += tl.dot(tl.trans(act.to(rows.dtype)), rows, input_precision=PRECISION)
-        grad = grad * factor
         dz = (batch * memory + mem[:, None]).to(tl.int64) * dim + cols[None, :]
         if ACCUMULATE:
             total = tl.load(dz_in_ptr + dz, mask=tile_mask, other=0.0) + grad
@@ -215,15 +217,15 @@ def memvp_bwd_memory_kernel(
 # smaller tiles). The activation kernels' BLOCK_M is a cap: they take the memory's power of 2 up to it.
 TILES = {
     2: {"act": (128, 128, 64, 8), "act_backward": (128, 64, 64, 8), "product": (128, 32, 128, 8),
-        "memory": (32, 64, 128, 8)},
-    4: {"act": (64, 64, 32, 8), "act_backward": (64, 32, 32, 8), "product": (128, 32, 64, 8),
+        "memory": (32, 128, 64, 8)},
+    4: {"act": (64, 64, 32, 8), "act_backward": (64, 64, 32, 8), "product": (128, 32, 64, 8),
         "memory": (32, 64, 64, 8)},
 }
 
 
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
     """Tiles and warps of every kernel (TILES): `act` / `act_backward`, (rows x memory) activation
-    tiles reduced over D (the backward holds two accumulators); `product`, (rows x D) output tiles
+    tiles reduced over D; `product`, (rows x D) output tiles
     reduced over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced
     over rows. Chosen with `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and
     shared memory within 99 KiB on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is
@@ -238,15 +240,16 @@ def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -
     return config
 
 
-def _activation(x, z, key_pos, value_pos, dout, act, dpre, unscale, scale, dropout_p, seed, cfg) -> None:
-    batch, length, dim = x.shape
+def _activation(rows, z, pos, pre, act, dpre, unscale, scale, dropout_p, seed, cfg) -> None:
+    """The forward's activation (dpre None) or the backward's (rows = dout, pos = value_pos)."""
+    batch, length, dim = rows.shape
     memory = z.shape[1]
-    tiles = cfg["act" if dout is None else "act_backward"]
+    tiles = cfg["act" if dpre is None else "act_backward"]
     grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(memory, tiles["BLOCK_M"]), batch)
     memvp_activation_kernel[grid](
-        x, z, key_pos, value_pos, dout if dout is not None else x, act, dpre if dpre is not None else act,
-        unscale if unscale is not None else act, length, memory, dim, scale, **dropout_args(dropout_p, seed),
-        BACKWARD=dout is not None, DROPOUT=dropout_p > 0, FP16_SAFE=unscale is not None, **tiles,
+        rows, z, pos, pre, act, dpre if dpre is not None else act, unscale if unscale is not None else act,
+        length, memory, dim, scale, **dropout_args(dropout_p, seed),
+        BACKWARD=dpre is not None, DROPOUT=dropout_p > 0, FP16_SAFE=unscale is not None, **tiles,
     )
 
 
@@ -263,28 +266,39 @@ def _times_memory(act, unscale, z, pos, out, cfg) -> None:
                                     act_tile, STORED_SCALES=unscale is not None, **tiles)
 
 
-def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the backward's (B, L, M) activation and pre-activation gradient: bf16 for bf16
+    inputs, as the unfused op holds them (half the traffic of fp32, read once per D tile by three
+    products), fp32 otherwise (fp16 ones can pass 65504 where the results do not)."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def memvp_memory_forward(x, z, key_pos, value_pos, scale: float, dropout_p: float,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre): pre = x (z + key_pos)^T in fp32, for the backward."""
     batch, length, _ = x.shape
     memory = z.shape[1]
     cfg = launch_config(x, memory)
     # The activation in the dtype the product reads (fp32 where the interpreter needs fp32 operands).
     act = new_output((batch, length, memory), torch.float32 if cfg["act"]["DOT_FP32"] else x.dtype, x.device)
+    pre = new_output((batch, length, memory), torch.float32, x.device)
     unscale = None
     if x.dtype == torch.float16:
         unscale = new_output((batch, length, triton.cdiv(memory, cfg["act"]["BLOCK_M"])), torch.float32, x.device)
-    _activation(x, z, key_pos, value_pos, None, act, None, unscale, scale, dropout_p, seed, cfg)
+    _activation(x, z, key_pos, pre, act, None, unscale, scale, dropout_p, seed, cfg)
     out = new_output(x.shape, storage_dtype(x.dtype), x.device)
     _times_memory(act, unscale, z, value_pos, out, cfg)
-    return out.to(x.dtype)
+    return out.to(x.dtype), pre
 
 
-def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_p: float, seed: int):
+def memvp_memory_backward(dout, x, z, key_pos, value_pos, pre, scale: float, dropout_p: float, seed: int):
     batch, length, dim = x.shape
     memory = z.shape[1]
-    hidden = new_output((batch, length, memory), torch.float32, x.device)
-    dpre = new_output((batch, length, memory), torch.float32, x.device)
+    kept = storage_dtype(gradient_dtype(x.dtype))
+    hidden = new_output((batch, length, memory), kept, x.device)  # scale * dropout(silu(pre))
+    dpre = new_output((batch, length, memory), kept, x.device)
     cfg = launch_config(x, memory)
-    _activation(x, z, key_pos, value_pos, dout, hidden, dpre, None, scale, dropout_p, seed, cfg)
+    _activation(dout, z, value_pos, pre, hidden, dpre, None, scale, dropout_p, seed, cfg)
     written = storage_dtype(x.dtype)
     dx = new_output(x.shape, written, x.device)
     _times_memory(dpre, None, z, key_pos, dx, cfg)
@@ -295,10 +309,9 @@ def memvp_memory_backward(dout, x, z, key_pos, value_pos, scale: float, dropout_
     dvalue_pos = new_output(value_pos.shape, written, value_pos.device)
     mcfg = cfg["memory"]
     grid = (triton.cdiv(memory, mcfg["BLOCK_M"]), triton.cdiv(dim, mcfg["BLOCK_D"]))
-    for act, rows, out, dpos, factor, accumulate in ((dpre, x, dkeys, dkey_pos, 1.0, False),
-                                                     (hidden, dout, dz, dvalue_pos, scale, True)):
-        memvp_bwd_memory_kernel[grid](act, rows, dkeys, out, dpos, batch, length, memory, dim, factor,
-                                      ACCUMULATE=accumulate, **mcfg)
+    for act, rows, out, dpos, accumulate in ((dpre, x, dkeys, dkey_pos, False), (hidden, dout, dz, dvalue_pos, True)):
+        memvp_bwd_memory_kernel[grid](act, rows, dkeys, out, dpos, batch, length, memory, dim, ACCUMULATE=accumulate,
+                                      **mcfg)
     return dx.to(x.dtype), dz.to(z.dtype), dkey_pos.to(key_pos.dtype), dvalue_pos.to(value_pos.dtype)
 
 
@@ -307,7 +320,7 @@ def report_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x = torch.empty(1, 512, 4096, dtype=dtype, device="meta")
-        t = pointer_type(dtype)
+        t, g = pointer_type(dtype), pointer_type(gradient_dtype(dtype))
         label = f"L=512 M=320 D=4096 {str(dtype).removeprefix('torch.')}"
         cfg = launch_config(x, 320, interpret=False)
         act, backward, product, memory_cfg = (dict(cfg[k]) for k in ("act", "act_backward", "product", "memory"))
@@ -315,9 +328,8 @@ def report_specs() -> list[KernelSpec]:
             c.pop("num_warps") for c in (act, backward, product, memory_cfg))
         values = {"length": 512, "memory": 320, "dim": 4096, "act_tile": act["BLOCK_M"]}
         sizes = {"length": "i32", "memory": "i32", "dim": "i32"}
-        act_args = {"x_ptr": t, "z_ptr": t, "key_pos_ptr": t, "value_pos_ptr": t, "dout_ptr": t,
-                    "unscale_ptr": "*fp32", **sizes, "scale": "fp32", "keep_scale": "fp32", "seed": "i32",
-                    "threshold": "i32"}
+        act_args = {"rows_ptr": t, "z_ptr": t, "pos_ptr": t, "pre_ptr": "*fp32", "unscale_ptr": "*fp32", **sizes,
+                    "scale": "fp32", "keep_scale": "fp32", "seed": "i32", "threshold": "i32"}
         fp16_safe = dtype == torch.float16
         product_args = {"act_ptr": t, "unscale_ptr": "*fp32", "z_ptr": t, "pos_ptr": t, "out_ptr": t, **sizes,
                         "act_tile": "i32"}
@@ -325,16 +337,16 @@ def report_specs() -> list[KernelSpec]:
             KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": t, "dpre_ptr": t},
                        {"BACKWARD": False, "DROPOUT": True, "FP16_SAFE": fp16_safe, **act}, act_warps,
                        label + " forward", sizes=values),
-            KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": "*fp32", "dpre_ptr": "*fp32"},
+            KernelSpec(memvp_activation_kernel, {**act_args, "act_ptr": g, "dpre_ptr": g},
                        {"BACKWARD": True, "DROPOUT": True, "FP16_SAFE": False, **backward}, backward_warps,
                        label + " backward", sizes=values),
             KernelSpec(memvp_times_memory_kernel, product_args, {"STORED_SCALES": fp16_safe, **product},
                        product_warps, label + " forward", sizes=values),
-            KernelSpec(memvp_times_memory_kernel, {**product_args, "act_ptr": "*fp32"},
+            KernelSpec(memvp_times_memory_kernel, {**product_args, "act_ptr": g},
                        {"STORED_SCALES": False, **product}, product_warps, label + " backward (dx)", sizes=values),
             KernelSpec(memvp_bwd_memory_kernel, {
-                "act_ptr": "*fp32", "rows_ptr": t, "dz_in_ptr": "*fp32", "dz_out_ptr": t, "dpos_ptr": t,
-                "batches": "i32", "length": "i32", "memory": "i32", "dim": "i32", "factor": "fp32"},
+                "act_ptr": g, "rows_ptr": t, "dz_in_ptr": "*fp32", "dz_out_ptr": t, "dpos_ptr": t,
+                "batches": "i32", "length": "i32", "memory": "i32", "dim": "i32"},
                 {"ACCUMULATE": True, **memory_cfg}, memory_warps, label, sizes=values),
         ]
     return specs

@@ -109,7 +109,8 @@ def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, hashed, mask, see
                   DROPOUT: tl.constexpr):
     """Backward helper: apply the dropout mask of the elements whose row-major indices in the dropped
     tensor are `hashed` to an activation and to the gradient of its pre-dropout value, store both
-    (fp32) at `offsets` from the pointers for the reduction kernel, and return the masked gradient."""
+    (in the pointers' dtypes) at `offsets` from the pointers for the reduction kernel, and return
+    the masked gradient."""
     if DROPOUT:
         keep = dropout_factor(seed, hashed, threshold, keep_scale)
         hidden = hidden * keep

@@ -41,8 +41,13 @@ def test_memvp_memory_and_routed_adapter_check_their_arguments():
     x, z, pos = torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="value_pos must have size 4 in dim 0"):
         ops().memvp_memory_forward(x, z, pos, torch.randn(5, 8), 1.0, 0.0, 0)
+    pre = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match="dout must have size 3 in dim 1"):
-        ops().memvp_memory_backward(torch.randn(2, 4, 8), x, z, pos, pos, 1.0, 0.0, 0)
+        ops().memvp_memory_backward(torch.randn(2, 4, 8), x, z, pos, pos, pre, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="pre must have dtype Float"):
+        ops().memvp_memory_backward(x, x, z, pos, pos, pre.double(), 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="pre must have size 4 in dim 2"):
+        ops().memvp_memory_backward(x, x, z, pos, pos, torch.randn(2, 3, 5), 1.0, 0.0, 0)
     adapter = [x, torch.randn(2, 8), torch.randn(2, 8), torch.randn(2), torch.randn(4, 8), torch.randn(4),
                torch.randn(2, 8, 4), torch.randn(2, 8)]
     ops().routed_adapter_forward(*adapter, 1.0, 1.0, 0.0, 0)  # well-formed

@@ -37,13 +37,15 @@ at::Tensor with_position(const at::Tensor& z, const at::Tensor& pos) {
 
 }  // namespace
 
-at::Tensor memvp_memory_forward_cpu(const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& key_pos,
-                                    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> memvp_memory_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& key_pos, const at::Tensor& value_pos, double scale,
+    double dropout_p, int64_t seed) {
   check_memvp_memory(x_in, z, key_pos, value_pos);
   const Problem p(x_in, z, scale, dropout_p, seed);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor keys = with_position(z, key_pos), values = with_position(z, value_pos);
   at::Tensor out = at::zeros({p.batch, p.rows, p.dim}, x.options());
+  at::Tensor pre = at::empty({p.batch, p.rows, p.memory}, x.options());
   const int64_t D = p.dim, M = p.memory;
   at::parallel_for(0, p.batch * p.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -51,34 +53,36 @@ at::Tensor memvp_memory_forward_cpu(const at::Tensor& x_in, const at::Tensor& z,
       const float* xr = x.data_ptr<float>() + row * D;
       float* o = out.data_ptr<float>() + row * D;
       for (int64_t m = 0; m < M; ++m) {
-        const float h = math::silu(dot(xr, keys.data_ptr<float>() + (b * M + m) * D, D)) * p.keep(b, l, m);
+        const float a = dot(xr, keys.data_ptr<float>() + (b * M + m) * D, D);
+        pre.data_ptr<float>()[row * M + m] = a;
+        const float h = math::silu(a) * p.keep(b, l, m);
         if (h != 0.0f) axpy(p.scale * h, values.data_ptr<float>() + (b * M + m) * D, o, D);
       }
     }
   });
-  return out.to(x_in.scalar_type());
+  return {out.to(x_in.scalar_type()), pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& key_pos,
-    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
-  check_memvp_memory(x_in, z, key_pos, value_pos, &dout_in);
+    const at::Tensor& value_pos, const at::Tensor& saved_pre, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x_in, z, key_pos, value_pos, &dout_in, &saved_pre);
   const Problem p(x_in, z, scale, dropout_p, seed);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor dout = dout_in.to(at::kFloat).contiguous();
   const at::Tensor keys = with_position(z, key_pos), values = with_position(z, value_pos);
   const int64_t D = p.dim, M = p.memory, L = p.rows;
-  // Pass 1, per row: the dropped activation and the gradient of the pre-activation, and dx.
+  // Pass 1, per row: from the forward's pre-activation, the dropped activation, the gradient of the
+  // pre-activation, and dx.
   at::Tensor hidden = at::empty({p.batch, L, M}, x.options()), dpre = at::empty_like(hidden);
   at::Tensor dx = at::zeros_like(x);
   at::parallel_for(0, p.batch * L, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
-      const float* xr = x.data_ptr<float>() + row * D;
       const float* dor = dout.data_ptr<float>() + row * D;
       for (int64_t m = 0; m < M; ++m) {
         const float* key = keys.data_ptr<float>() + (b * M + m) * D;
-        const float pre = dot(xr, key, D);
+        const float pre = saved_pre.data_ptr<float>()[row * M + m];
         const float keep = p.keep(b, l, m);
         const float dhidden = p.scale * dot(dor, values.data_ptr<float>() + (b * M + m) * D, D);
         const float g = dhidden * keep * math::silu_grad(pre);

@@ -3,13 +3,13 @@
 // Forward: one block per (32 rows of x, sample), one warp per 16 rows. The memory is taken in tiles
 // of up to `mem_tile` rows, as many as the device's opt-in shared memory holds (the whole memory
 // when it fits; about 880 rows with 227 KiB, 368 with the 99 KiB of A10 / L4 / L40S). Per tile,
-// phase 1 accumulates the pre-activation x (z + key_pos)^T over D chunks into shared memory; SiLU,
-// dropout and the scale are applied there; phase 2 multiplies by z + value_pos chunk by chunk of D.
+// phase 1 accumulates the pre-activation x (z + key_pos)^T over D chunks into shared memory, writes
+// it to `pre` (fp32 (B, L, M), kept for the backward); SiLU, dropout and the scale are applied there; phase 2 multiplies by z + value_pos chunk by chunk of D.
 // SiLU needs no running maximum, so the products of successive tiles just add up: with more than
 // one tile they meet in an fp32 (B, L, D) work buffer and the last tile writes the output. The
 // (B, L, M) activation never reaches global memory, and z + pos is formed per shared-memory tile.
-// Backward: a rows kernel (16 rows per block) recomputes the pre-activation per memory tile, forms
-// dL/dpre, writes the dropped activation and dpre (fp32, (B, L, M)) and accumulates dx the same
+// Backward: a rows kernel (16 rows per block) computes dL/dhidden = dout (z + value_pos)^T per
+// memory tile, forms dL/dpre from the kept pre-activation, writes the dropped activation and dpre (fp32, (B, L, M)) and accumulates dx the same
 // way; a memory kernel reduces over rows: G = factor * act^T rows per (memory tile, D tile), summed
 // over samples for the position grads.
 // fp16: the activation and dpre can pass 65504 where the fp32 reference and the results do not.
@@ -176,7 +176,8 @@ __device__ void pre_activation(float* pre, T* x_s, T* mem_s, const T* x, const T
 template <typename T, int Warps>
 __global__ void __launch_bounds__(32 * Warps, 1)  // min 1 block: without it sm_80 caps fp16 at 64 registers and spills
 memvp_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ key_pos,
-                     const T* __restrict__ value_pos, T* __restrict__ out, float* __restrict__ work, int length,
+                     const T* __restrict__ value_pos, T* __restrict__ out, float* __restrict__ pre_out,
+                     float* __restrict__ work, int length,
                      int memory, int dim, int mem_tile, float scale, Dropout dropout) {
   constexpr int kRows = kTile * Warps;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -206,7 +207,9 @@ memvp_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* 
       const int m = e % mem_pad, row = row0 + warp * kTile + e / mem_pad;
       float h = 0.f;
       if (row < length && m < tile_rows) {
-        h = math::silu(warp_pre[e]) * scale * dropout.factor(((int64_t)b * length + row) * memory + m0 + m);
+        const int64_t offset = ((int64_t)b * length + row) * memory + m0 + m;
+        pre_out[offset] = warp_pre[e];
+        h = math::silu(warp_pre[e]) * scale * dropout.factor(offset);
       }
       warp_pre[e] = h;
     }
@@ -225,13 +228,13 @@ memvp_forward_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* 
 
 template <typename T>
 __global__ void __launch_bounds__(32)
-memvp_backward_rows_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ key_pos,
-                           const T* __restrict__ value_pos, const T* __restrict__ dout, float* __restrict__ hidden,
+memvp_backward_rows_kernel(const T* __restrict__ z, const T* __restrict__ key_pos, const T* __restrict__ value_pos,
+                           const T* __restrict__ dout, const float* __restrict__ saved_pre, float* __restrict__ hidden,
                            float* __restrict__ dpre, T* __restrict__ dx, float* __restrict__ work, int length,
                            int memory, int dim, int mem_tile, float scale, Dropout dropout) {
   constexpr int kRows = kTile;  // one warp: the two fp32 (rows x mem_tile) buffers take the most room
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* x_s = reinterpret_cast<T*>(smem_raw);      // (kRows, kChunk): x, then dout
+  T* x_s = reinterpret_cast<T*>(smem_raw);      // (kRows, kChunk): dout
   T* mem_s = x_s + kRows * kChunk;              // (mem_tile, kChunk)
   T* act = mem_s + mem_tile * kChunk;           // (kRows, mem_tile): dpre for dx
   float* pre = reinterpret_cast<float*>(act + kRows * mem_tile);  // (kRows, mem_tile)
@@ -247,11 +250,13 @@ memvp_backward_rows_kernel(const T* __restrict__ x, const T* __restrict__ z, con
   for (int m0 = 0; m0 < memory; m0 += mem_tile) {
     const int tile_rows = min(mem_tile, memory - m0), mem_pad = padded(tile_rows);
     const int64_t pos_offset = (int64_t)m0 * dim;
-    pre_activation(pre, x_s, mem_s, x + row_offset, zb + pos_offset, key_pos + pos_offset, row0, kRows, length,
-                   tile_rows, mem_pad, dim, 0);
     // dL/dhidden = dout (z + value_pos)^T, same shape of product as the pre-activation.
     pre_activation(dhidden, x_s, mem_s, dout + row_offset, zb + pos_offset, value_pos + pos_offset, row0, kRows,
                    length, tile_rows, mem_pad, dim, 0);
+    for (int e = lane; e < kRows * mem_pad; e += 32) {  // the forward's pre-activation of this tile
+      const int m = e % mem_pad, row = row0 + e / mem_pad;
+      pre[e] = row < length && m < tile_rows ? saved_pre[((int64_t)b * length + row) * memory + m0 + m] : 0.f;
+    }
     __syncwarp();
     for (int e = lane; e < kRows * mem_pad; e += 32) {
       const int m = e % mem_pad, row = row0 + e / mem_pad;
@@ -366,12 +371,13 @@ T* mutable_ptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 }  // namespace
 
-at::Tensor memvp_memory_forward_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
-                                     const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> memvp_memory_forward_cuda(
+    const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos, const at::Tensor& value_pos, double scale,
+    double dropout_p, int64_t seed) {
   check_memvp_memory(x, z, key_pos, value_pos);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), M = z.size(1);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(x), pre = at::empty({B, L, M}, x.options().dtype(at::kFloat));
   constexpr int kWarps = 2;
   const dim3 grid((L + kTile * kWarps - 1) / (kTile * kWarps), B);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -384,18 +390,19 @@ at::Tensor memvp_memory_forward_cuda(const at::Tensor& x, const at::Tensor& z, c
     auto kernel = memvp_forward_kernel<T, kWarps>;
     allow_dynamic_smem(kernel, smem);
     kernel<<<grid, 32 * kWarps, smem, stream>>>(ptr<T>(x), ptr<T>(z), ptr<T>(key_pos), ptr<T>(value_pos),
-                                                 mutable_ptr<T>(out), work.defined() ? work.data_ptr<float>() : nullptr,
+                                                 mutable_ptr<T>(out), pre.data_ptr<float>(),
+                                                 work.defined() ? work.data_ptr<float>() : nullptr,
                                                  (int)L, (int)M, (int)D, mem_tile, (float)scale,
                                                  make_dropout(dropout_p, seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return {out, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward_cuda(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& z, const at::Tensor& key_pos,
-    const at::Tensor& value_pos, double scale, double dropout_p, int64_t seed) {
-  check_memvp_memory(x, z, key_pos, value_pos, &dout);
+    const at::Tensor& value_pos, const at::Tensor& pre, double scale, double dropout_p, int64_t seed) {
+  check_memvp_memory(x, z, key_pos, value_pos, &dout, &pre);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), M = z.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -411,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward
     auto rows_kernel = memvp_backward_rows_kernel<T>;
     allow_dynamic_smem(rows_kernel, smem);
     rows_kernel<<<dim3((L + kTile - 1) / kTile, B), 32, smem, stream>>>(
-        ptr<T>(x), ptr<T>(z), ptr<T>(key_pos), ptr<T>(value_pos), ptr<T>(dout), hidden.data_ptr<float>(),
+        ptr<T>(z), ptr<T>(key_pos), ptr<T>(value_pos), ptr<T>(dout), pre.data_ptr<float>(), hidden.data_ptr<float>(),
         dpre.data_ptr<float>(), mutable_ptr<T>(dx), work.defined() ? work.data_ptr<float>() : nullptr, (int)L,
         (int)M, (int)D, mem_tile, (float)scale, make_dropout(dropout_p, seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -63,6 +63,8 @@ L2_SHARE = 0.75
 REGISTERS_PER_SM, REGISTERS_PER_THREAD = 65536, 128
 LOADS_IN_FLIGHT = 2  # loop steps whose loads one program has in flight: Triton's default 3 stages
 TF32X3_SLOWDOWN = 6  # fp32 products run as 3 tf32 passes, tf32 at half the 16-bit rate (datasheets)
+# The dtype a shape's itemsize stands for when asking a launcher for its configuration.
+_MODELLED_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def attention_config(s: AttentionShape) -> dict:
     """kernels/cross_attention.py's launch_config for this shape, as on a GPU."""
     from vlfast.kernels.cross_attention import launch_config
 
-    dtype = {2: torch.bfloat16, 4: torch.float32}[s.itemsize]
+    dtype = _MODELLED_DTYPES[s.itemsize]
     return launch_config(torch.empty(1, 1, s.q_len, s.head_dim, dtype=dtype, device="meta"), s.kv_len,
                          interpret=False)
 
@@ -277,37 +279,48 @@ class MemVPShape:
 
 def memvp_floor(s: MemVPShape, backward: bool = False) -> Cost:
     """Forward: read x, z, key_pos, value_pos once, write out; 2 products of L x M x D. Backward: read
-    them and dout, write their gradients; 5 products (x K^T again, dh, dV, dx, dK)."""
+    them and dout, write their gradients; 4 products (dh, dV, dx, dK: the forward keeps the (B, L, M)
+    pre-activation, M / D of x, not counted)."""
     e = s.itemsize
     moved = e * (2 * s.batch * s.elements(s.length) + s.batch * s.elements(s.memory) + 2 * s.elements(s.memory))
-    return Cost(moved * (2 if backward else 1), (10.0 if backward else 4.0) * s.batch * s.length * s.memory * s.dim)
+    return Cost(moved * (2 if backward else 1), (8.0 if backward else 4.0) * s.batch * s.length * s.memory * s.dim)
 
 
 def memvp_config(s: MemVPShape) -> dict:
     """kernels/memvp_memory.py's launch_config for this shape, as on a GPU."""
     from vlfast.kernels.memvp_memory import launch_config
 
-    x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
+    x = torch.empty(1, 1, s.dim, dtype=_MODELLED_DTYPES[s.itemsize], device="meta")
     return launch_config(x, s.memory, interpret=False)
 
 
+def memvp_gradient_itemsize(s: MemVPShape) -> int:
+    """Bytes per element of the backward's (B, L, M) activation and gradient, as
+    kernels/memvp_memory.py's gradient_dtype picks them for the modelled dtype."""
+    from vlfast.kernels.memvp_memory import gradient_dtype
+
+    return torch.empty((), dtype=gradient_dtype(_MODELLED_DTYPES[s.itemsize])).element_size()
+
+
 def _memvp_activation(s: MemVPShape, t: dict, hw: Hardware, backward: bool) -> Launch:
-    """memvp_activation_kernel: a program per (row tile, memory tile, sample) reduces over D in
-    BLOCK_D steps, reading x once per memory tile and z + pos once per row tile; the gradient mode
-    runs the product twice ((x, key_pos) and (dout, value_pos)) and writes two fp32 (B, L, M)."""
-    e, passes = s.itemsize, 2 if backward else 1
+    """memvp_activation_kernel: a program per (row tile, memory tile, sample) reduces x (z + key_pos)^T
+    (forward) or dout (z + value_pos)^T (backward) over D in BLOCK_D steps, reading x or dout once
+    per memory tile and z + pos once per row tile. The forward writes the activation and the fp32
+    pre-activation; the backward reads that and writes the activation and its gradient."""
+    e = s.itemsize
     row_tiles, mem_tiles = triton.cdiv(s.length, t["BLOCK_L"]), triton.cdiv(s.memory, t["BLOCK_M"])
     programs, d_steps = row_tiles * mem_tiles * s.batch, triton.cdiv(s.dim, t["BLOCK_D"])
     x, z, pos = e * s.batch * s.elements(s.length), e * s.batch * s.elements(s.memory), e * s.elements(s.memory)
     # The grid walks row tiles, then memory tiles, then samples: one sample's operands pass between re-reads.
-    sample = passes * ((x + z) / s.batch + pos)
-    x_dram, x_l2 = _reread(passes * x, mem_tiles * passes * x, sample, hw)
-    m_dram, m_l2 = _reread(z + passes * pos, row_tiles * passes * (z + s.batch * pos), sample, hw)
-    written = (8 if backward else e) * s.batch * s.length * s.memory
+    sample = (x + z) / s.batch + pos
+    x_dram, x_l2 = _reread(x, mem_tiles * x, sample, hw)
+    m_dram, m_l2 = _reread(z + pos, row_tiles * (z + s.batch * pos), sample, hw)
+    kept = 4 * s.batch * s.length * s.memory  # the fp32 pre-activation: written, or read back
+    written = (2 * memvp_gradient_itemsize(s) if backward else e) * s.batch * s.length * s.memory
     return Launch("activation gradient" if backward else "activation", programs, t["num_warps"],
-                  dram=x_dram + m_dram + written, l2=x_l2 + m_l2,
-                  flops=passes * 2.0 * programs * t["BLOCK_L"] * t["BLOCK_M"] * d_steps * t["BLOCK_D"],
-                  steps=passes * d_steps, fp32=e == 4)
+                  dram=x_dram + m_dram + kept + written, l2=x_l2 + m_l2,
+                  flops=2.0 * programs * t["BLOCK_L"] * t["BLOCK_M"] * d_steps * t["BLOCK_D"],
+                  steps=d_steps, fp32=e == 4)
 
 
 def _memvp_product(s: MemVPShape, t: dict, act_itemsize: int, hw: Hardware, name: str) -> Launch:
@@ -328,13 +341,14 @@ def _memvp_product(s: MemVPShape, t: dict, act_itemsize: int, hw: Hardware, name
 
 def _memvp_memory_gradient(s: MemVPShape, t: dict, hw: Hardware, side: str) -> Launch:
     """memvp_bwd_memory_kernel, one side: a program per (memory tile, D tile) walks every sample's
-    rows in BLOCK_L steps, reading the fp32 activation gradient once per D tile and x (or dout) once
-    per memory tile; writes dpos, and dK in fp32 (keys) or dz = dK + dV in z's dtype (values, reading
-    dK back)."""
+    rows in BLOCK_L steps, reading the (B, L, M) activation or its gradient once per D tile and x (or
+    dout) once per memory tile; writes dpos, and dK in fp32 (keys) or dz = dK + dV in z's dtype
+    (values, reading dK back)."""
     e = s.itemsize
     mem_tiles, d_tiles = triton.cdiv(s.memory, t["BLOCK_M"]), triton.cdiv(s.dim, t["BLOCK_D"])
     programs, steps = mem_tiles * d_tiles, s.batch * triton.cdiv(s.length, t["BLOCK_L"])
-    act, rows = 4 * s.batch * s.length * s.memory, e * s.batch * s.elements(s.length)
+    act = memvp_gradient_itemsize(s) * s.batch * s.length * s.memory
+    rows = e * s.batch * s.elements(s.length)
     # Resident programs walk the samples in step: one sample's activation and rows pass between re-reads.
     sample = (act + rows) / s.batch
     a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
@@ -355,7 +369,7 @@ def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False)
         return [_memvp_activation(s, cfg["act"], hw, False),
                 _memvp_product(s, cfg["product"], s.itemsize, hw, "product")]
     return [_memvp_activation(s, cfg["act_backward"], hw, True),
-            _memvp_product(s, cfg["product"], 4, hw, "dx"),
+            _memvp_product(s, cfg["product"], memvp_gradient_itemsize(s), hw, "dx"),
             _memvp_memory_gradient(s, cfg["memory"], hw, "keys"),
             _memvp_memory_gradient(s, cfg["memory"], hw, "values")]
 
@@ -424,7 +438,7 @@ def adapter_config(s: AdapterShape) -> dict:
     (the persistent forward's programs per SM and pipeline stages)."""
     from vlfast.kernels.routed_adapter import PROGRAMS_PER_SM, columns_config, forward_stages, launch_config
 
-    x = torch.empty(1, 1, s.dim, dtype={2: torch.bfloat16, 4: torch.float32}[s.itemsize], device="meta")
+    x = torch.empty(1, 1, s.dim, dtype=_MODELLED_DTYPES[s.itemsize], device="meta")
     return {"rows": launch_config(x, s.rank, s.experts, interpret=False),
             "columns": columns_config(x, s.rank, interpret=False), "programs_per_sm": PROGRAMS_PER_SM,
             "forward_stages": forward_stages(x)}

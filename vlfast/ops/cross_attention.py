@@ -64,7 +64,7 @@ def _(dout, q, k, v, kv_mask, out, lse, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-register_backward(cross_attention_fwd, cross_attention_bwd, tensors=4, save_outputs=True)
+register_backward(cross_attention_fwd, cross_attention_bwd, tensors=4, save_result=True)
 
 
 def cross_attention(

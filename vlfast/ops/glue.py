@@ -11,17 +11,18 @@ from torch.library import CustomOpDef
 from vlfast._extension import cpp_ops
 
 
-def register_backward(forward: CustomOpDef, backward: CustomOpDef, *, tensors: int, save_outputs: bool = False) -> None:
-    """Make `forward(*tensors, *args)` differentiable through `backward(dout, *tensors[, *outputs], *args)`,
-    which returns the gradients of the leading tensor arguments. With several outputs, the first is
-    the result and the others are saved for backward (save_outputs) and not differentiable."""
+def register_backward(forward: CustomOpDef, backward: CustomOpDef, *, tensors: int, save_result: bool = False) -> None:
+    """Make `forward(*tensors, *args)` differentiable through `backward(dout, *tensors, [result,]
+    *saved, *args)`, which returns the gradients of the leading tensor arguments. `forward` returns
+    the result, or (result, *saved): tensors kept for backward, not differentiable. With
+    `save_result` the result is kept too."""
 
     def setup_context(ctx, inputs, output):
-        outputs = output if isinstance(output, tuple) else (output,)
-        ctx.save_for_backward(*inputs[:tensors], *(outputs if save_outputs else ()))
+        result, *saved = output if isinstance(output, tuple) else (output,)
+        ctx.save_for_backward(*inputs[:tensors], *((result,) if save_result else ()), *saved)
         ctx.args = inputs[tensors:]
-        if len(outputs) > 1:
-            ctx.mark_non_differentiable(*outputs[1:])
+        if saved:
+            ctx.mark_non_differentiable(*saved)
 
     def gradients(ctx, dout, *_):
         grads = backward(dout, *ctx.saved_tensors, *ctx.args)

@@ -41,28 +41,30 @@ def unsupported_reason(backend: str, x: Tensor, z: Tensor) -> str | None:
 def memvp_memory_fwd(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int,
     backend: str,
-) -> Tensor:
-    """The forward on the named kernel backend (triton, cuda, cpu), for contiguous inputs; see `memvp_memory`."""
+) -> tuple[Tensor, Tensor]:
+    """(out, pre) on the named kernel backend (triton, cuda, cpu), for contiguous inputs; see
+    `memvp_memory`. pre = x (z + key_pos)^T (B, L, M) in fp32, kept for backward: M / D of x's size,
+    and it spares the backward a recomputation over D."""
     return kernel(backend, "memvp_memory", "forward")(x, z, key_pos, value_pos, scale, dropout_p, seed)
 
 
 @memvp_memory_fwd.register_fake
 def _(x, z, key_pos, value_pos, scale, dropout_p, seed, backend):
-    return torch.empty_like(x)
+    return torch.empty_like(x), x.new_empty((*x.shape[:2], z.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("vlfast::memvp_memory_bwd", mutates_args=())
 def memvp_memory_bwd(
-    dout: Tensor, x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float,
-    seed: int, backend: str,
+    dout: Tensor, x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, pre: Tensor, scale: float,
+    dropout_p: float, seed: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dz, dkey_pos, dvalue_pos) on the named backend."""
-    return kernel(backend, "memvp_memory", "backward")(dout.contiguous(), x, z, key_pos, value_pos, scale, dropout_p,
-                                                           seed)
+    return kernel(backend, "memvp_memory", "backward")(dout.contiguous(), x, z, key_pos, value_pos, pre, scale,
+                                                           dropout_p, seed)
 
 
 @memvp_memory_bwd.register_fake
-def _(dout, x, z, key_pos, value_pos, scale, dropout_p, seed, backend):
+def _(dout, x, z, key_pos, value_pos, pre, scale, dropout_p, seed, backend):
     return torch.empty_like(x), torch.empty_like(z), torch.empty_like(key_pos), torch.empty_like(value_pos)
 
 
@@ -109,5 +111,6 @@ def memvp_memory(
     )
     if chosen == "torch":
         return memvp_memory_torch(x, z, key_pos, value_pos, float(scale), float(dropout_p), seed)
-    return memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),
-                            float(scale), float(dropout_p), seed, chosen)
+    out, _ = memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),
+                              float(scale), float(dropout_p), seed, chosen)
+    return out

@@ -89,8 +89,8 @@ def memvp_memory_torch(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
 ) -> Tensor:
     """The `torch` backend: the formula in fp32 (fp64 for fp64 inputs) with the dropout mask every
-    backend draws, differentiated by autograd, which keeps the (B, L, M) activations (and for half
-    inputs an fp32 copy of x) where the kernels' backward recomputes them. The scale (and dropout's
+    backend draws, differentiated by autograd, which keeps several (B, L, M) activations (and for
+    half inputs an fp32 copy of x) where the kernels keep only the pre-activation. The scale (and dropout's
     1 / (1 - p)) multiplies the (B, L, M) activation rather than the (B, L, D) output: fewer
     elements whenever M < D."""
     dtype = x.dtype
