@@ -19,7 +19,8 @@ TORCH_LIBRARY(vlfast_C, m) {
       " float dropout_p, int seed) -> (Tensor out, Tensor pre)");
   m.def(
       "memvp_memory_backward(Tensor dout, Tensor x, Tensor z, Tensor key_pos, Tensor value_pos,"
-      " Tensor pre, float scale, float dropout_p, int seed) -> (Tensor dx, Tensor dz, Tensor dkey_pos, Tensor dvalue_pos)");
+      " Tensor pre, float scale, float dropout_p, int seed)"
+      " -> (Tensor dx, Tensor dz, Tensor dkey_pos, Tensor dvalue_pos)");
   m.def(
       "routed_adapter_forward(Tensor x, Tensor router_input, Tensor router_weight, Tensor router_bias,"
       " Tensor down_weight, Tensor down_bias, Tensor up_weight, Tensor up_bias, float temperature, float scale,"

@@ -5,7 +5,7 @@ A one-head attention with SiLU instead of softmax, so no running maximum is need
 `memvp_activation_kernel` writes the (B, L, M) activation dropout(silu(x K^T)) * scale per
 (rows x memory) tile, accumulating over D, and `memvp_times_memory_kernel` multiplies it by V per
 (rows x D) tile, accumulating over M. Only that activation and the fp32 pre-activation x K^T, kept
-for the backward (each M / D of x's size), make the round trip through memory; K and V are formed
+for the backward (each M / D of x's elements), make the round trip through memory; K and V are formed
 tile by tile from z and the shared position rows, never materialised. (An earlier version held the
 whole memory per program and re-read K and V for every 16 rows: 8.5x slower than plain PyTorch on an
 H200, and limited to M <= 512.)
@@ -96,9 +96,10 @@ def memvp_activation_kernel(
     """One (rows x memory) tile of rows (z + pos)^T, accumulated over D in fp32, and what follows from it.
     Forward (rows = x, pos = key_pos): stores pre = x K^T (fp32) and act = dropout(silu(pre)) * scale,
     with FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
-    Backward (rows = dout, pos = value_pos: the product is dL/dhidden): from the stored pre, stores
-    act = dropout(silu(pre)) * scale and dpre = dropout(scale dhidden) silu'(pre) in act's dtype
-    (smaller tiles than the forward's: loading pre beside the product takes registers). Offsets are
+    Backward (rows = dout, pos = value_pos: the product is dL/dhidden / scale): from the stored pre,
+    stores act = dropout(silu(pre)) * scale and dpre = dropout(scale dhidden) silu'(pre) in act's
+    dtype (16-bit inputs take smaller tiles than the forward's: pre loaded beside the product would
+    spill registers). Offsets are
     a 64-bit start per tile plus 32-bit offsets within it (B x L x D can pass 2^31), computed after
     the loop so that they hold no registers during it."""
     batch = tl.program_id(2)
@@ -247,7 +248,7 @@ def _activation(rows, z, pos, pre, act, dpre, unscale, scale, dropout_p, seed, c
     tiles = cfg["act" if dpre is None else "act_backward"]
     grid = (triton.cdiv(length, tiles["BLOCK_L"]), triton.cdiv(memory, tiles["BLOCK_M"]), batch)
     memvp_activation_kernel[grid](
-        rows, z, pos, pre, act, dpre if dpre is not None else act, unscale if unscale is not None else act,
+        rows, z, pos, pre, act, dpre if dpre is not None else act, unscale if unscale is not None else pre,
         length, memory, dim, scale, **dropout_args(dropout_p, seed),
         BACKWARD=dpre is not None, DROPOUT=dropout_p > 0, FP16_SAFE=unscale is not None, **tiles,
     )

@@ -162,6 +162,22 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.vlfast.memvp_memory_fwd.default, (*args, 0.5, 0.2, 123, backend))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_keeps_the_pre_activation(backend, dtype):
+    """The kernel backends' forward returns x (z + key_pos)^T in fp32 beside the output, which the
+    backward reads instead of recomputing it: every element written, to the plain product's accuracy."""
+    shape = (2, 130, 40, 24)  # two row tiles, the memory padded
+    tensors = [t.to(dtype) for t in make_inputs(shape)[0]]
+    x, z, key_pos, _ = tensors
+    with poisoned_outputs():
+        _, pre = torch.ops.vlfast.memvp_memory_fwd(*tensors, SCALE, 0.3, 11, backend)
+    ref = x.double() @ (z.double() + key_pos.double()).transpose(-1, -2)
+    plain = (x @ (z + key_pos).transpose(-1, -2)).double()
+    assert pre.dtype == torch.float32 and pre.shape == (2, 130, 40)
+    assert_close_to_reference("pre", pre, ref, plain, factor=2)
+
+
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_largest_width(backend):
     """D = 8192, the largest supported width (LLaMA-65B), on a few rows."""

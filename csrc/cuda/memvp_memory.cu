@@ -3,15 +3,17 @@
 // Forward: one block per (32 rows of x, sample), one warp per 16 rows. The memory is taken in tiles
 // of up to `mem_tile` rows, as many as the device's opt-in shared memory holds (the whole memory
 // when it fits; about 880 rows with 227 KiB, 368 with the 99 KiB of A10 / L4 / L40S). Per tile,
-// phase 1 accumulates the pre-activation x (z + key_pos)^T over D chunks into shared memory, writes
-// it to `pre` (fp32 (B, L, M), kept for the backward); SiLU, dropout and the scale are applied there; phase 2 multiplies by z + value_pos chunk by chunk of D.
-// SiLU needs no running maximum, so the products of successive tiles just add up: with more than
-// one tile they meet in an fp32 (B, L, D) work buffer and the last tile writes the output. The
-// (B, L, M) activation never reaches global memory, and z + pos is formed per shared-memory tile.
-// Backward: a rows kernel (16 rows per block) computes dL/dhidden = dout (z + value_pos)^T per
-// memory tile, forms dL/dpre from the kept pre-activation, writes the dropped activation and dpre (fp32, (B, L, M)) and accumulates dx the same
-// way; a memory kernel reduces over rows: G = factor * act^T rows per (memory tile, D tile), summed
-// over samples for the position grads.
+// phase 1 accumulates the pre-activation x (z + key_pos)^T over D chunks into shared memory and
+// writes it to `pre` (fp32 (B, L, M), kept for the backward); SiLU, dropout and the scale are applied
+// in shared memory; phase 2 multiplies by z + value_pos chunk by chunk of D. SiLU needs no running
+// maximum, so the products of successive tiles just add up: with more than one tile they meet in an
+// fp32 (B, L, D) work buffer and the last tile writes the output. The activation itself stays in
+// shared memory, and z + pos is formed per shared-memory tile.
+// Backward: a rows kernel (16 rows per block) computes dout (z + value_pos)^T per memory tile
+// (dL/dhidden up to the scale), forms dL/dpre with the kept pre-activation, writes the dropped
+// activation and dpre (fp32, (B, L, M)) and accumulates dx the same way; a memory kernel reduces
+// over rows: G = factor * act^T rows per (memory tile, D tile), summed over samples for the position
+// grads.
 // fp16: the activation and dpre can pass 65504 where the fp32 reference and the results do not.
 // Each row of a tile is scaled by a power of 2 (memvp_math::fp16_safe_factor, 1 for ordinary
 // values) before it is rounded to fp16, and the fp32 product by the inverse; the memory kernel does
@@ -137,22 +139,22 @@ __device__ void store_rows_times_memory(T* out, float* work, Pass pass, const T*
   }
 }
 
-// Shared memory of a rows kernel with `rows` rows of x and mem_tile memory rows per pass.
+// Shared memory of a rows kernel (forward or backward) with `rows` rows and mem_tile memory rows per pass.
 template <typename T>
-size_t rows_kernel_smem(int rows, int mem_tile, bool backward) {
+size_t rows_kernel_smem(int rows, int mem_tile) {
   return sizeof(T) * (rows * kChunk + mem_tile * kChunk + rows * mem_tile) +
-         sizeof(float) * ((backward ? 2 : 1) * rows * mem_tile + (rows / kTile) * kTile * kTile + rows);
+         sizeof(float) * (rows * mem_tile + (rows / kTile) * kTile * kTile + rows);
 }
 
 // Memory rows per pass: the whole (padded) memory if it fits the device's opt-in shared memory per
 // block, else the most that fits (a multiple of 16).
 template <typename T>
-int memory_tile(int64_t memory, int rows, bool backward) {
+int memory_tile(int64_t memory, int rows) {
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t fixed = rows_kernel_smem<T>(rows, 0, backward);
-  const size_t per_tile = rows_kernel_smem<T>(rows, kTile, backward) - fixed;
+  const size_t fixed = rows_kernel_smem<T>(rows, 0);
+  const size_t per_tile = rows_kernel_smem<T>(rows, kTile) - fixed;
   const int fits = static_cast<size_t>(optin) > fixed ? static_cast<int>((optin - fixed) / per_tile) * kTile : 0;
   TORCH_CHECK(fits >= kTile, "vlfast cuda memvp_memory: ", optin / 1024, " KiB of shared memory per block is too ",
               "little for one 16-row memory tile (", (fixed + per_tile) / 1024 + 1, " KiB)");
@@ -232,13 +234,12 @@ memvp_backward_rows_kernel(const T* __restrict__ z, const T* __restrict__ key_po
                            const T* __restrict__ dout, const float* __restrict__ saved_pre, float* __restrict__ hidden,
                            float* __restrict__ dpre, T* __restrict__ dx, float* __restrict__ work, int length,
                            int memory, int dim, int mem_tile, float scale, Dropout dropout) {
-  constexpr int kRows = kTile;  // one warp: the two fp32 (rows x mem_tile) buffers take the most room
+  constexpr int kRows = kTile;  // one warp: the fp32 (rows x mem_tile) buffer takes the most room
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* x_s = reinterpret_cast<T*>(smem_raw);      // (kRows, kChunk): dout
   T* mem_s = x_s + kRows * kChunk;              // (mem_tile, kChunk)
   T* act = mem_s + mem_tile * kChunk;           // (kRows, mem_tile): dpre for dx
-  float* pre = reinterpret_cast<float*>(act + kRows * mem_tile);  // (kRows, mem_tile)
-  float* dhidden = pre + kRows * mem_tile;      // (kRows, mem_tile), then dpre
+  float* dhidden = reinterpret_cast<float*>(act + kRows * mem_tile);  // (kRows, mem_tile), then dpre
   float* staging = dhidden + kRows * mem_tile;  // (16, 16)
   float* unscale = staging + kTile * kTile;     // (kRows)
 
@@ -250,22 +251,18 @@ memvp_backward_rows_kernel(const T* __restrict__ z, const T* __restrict__ key_po
   for (int m0 = 0; m0 < memory; m0 += mem_tile) {
     const int tile_rows = min(mem_tile, memory - m0), mem_pad = padded(tile_rows);
     const int64_t pos_offset = (int64_t)m0 * dim;
-    // dL/dhidden = dout (z + value_pos)^T, same shape of product as the pre-activation.
+    // dL/dhidden / scale = dout (z + value_pos)^T, same shape of product as the pre-activation.
     pre_activation(dhidden, x_s, mem_s, dout + row_offset, zb + pos_offset, value_pos + pos_offset, row0, kRows,
                    length, tile_rows, mem_pad, dim, 0);
-    for (int e = lane; e < kRows * mem_pad; e += 32) {  // the forward's pre-activation of this tile
-      const int m = e % mem_pad, row = row0 + e / mem_pad;
-      pre[e] = row < length && m < tile_rows ? saved_pre[((int64_t)b * length + row) * memory + m0 + m] : 0.f;
-    }
     __syncwarp();
     for (int e = lane; e < kRows * mem_pad; e += 32) {
       const int m = e % mem_pad, row = row0 + e / mem_pad;
       float g = 0.f;
       if (row < length && m < tile_rows) {
         const int64_t offset = ((int64_t)b * length + row) * memory + m0 + m;
-        const float keep = dropout.factor(offset);
-        g = dhidden[e] * scale * keep * math::silu_grad(pre[e]);
-        hidden[offset] = math::silu(pre[e]) * keep;
+        const float keep = dropout.factor(offset), pre = saved_pre[offset];  // the forward's
+        g = dhidden[e] * scale * keep * math::silu_grad(pre);
+        hidden[offset] = math::silu(pre) * keep;
         dpre[offset] = g;
       }
       dhidden[e] = g;
@@ -383,10 +380,10 @@ std::tuple<at::Tensor, at::Tensor> memvp_memory_forward_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(x.scalar_type(), "memvp_memory", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int mem_tile = memory_tile<T>(M, kTile * kWarps, false);
+    const int mem_tile = memory_tile<T>(M, kTile * kWarps);
     // Several memory tiles meet in fp32 before the output is rounded.
     at::Tensor work = mem_tile < M ? at::empty({B, L, D}, x.options().dtype(at::kFloat)) : at::Tensor();
-    const size_t smem = rows_kernel_smem<T>(kTile * kWarps, mem_tile, false);
+    const size_t smem = rows_kernel_smem<T>(kTile * kWarps, mem_tile);
     auto kernel = memvp_forward_kernel<T, kWarps>;
     allow_dynamic_smem(kernel, smem);
     kernel<<<grid, 32 * kWarps, smem, stream>>>(ptr<T>(x), ptr<T>(z), ptr<T>(key_pos), ptr<T>(value_pos),
@@ -412,9 +409,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memvp_memory_backward
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(x.scalar_type(), "memvp_memory", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int mem_tile = memory_tile<T>(M, kTile, true);
+    const int mem_tile = memory_tile<T>(M, kTile);
     at::Tensor work = mem_tile < M ? at::empty({B, L, D}, f32) : at::Tensor();  // dx over several memory tiles
-    const size_t smem = rows_kernel_smem<T>(kTile, mem_tile, true);
+    const size_t smem = rows_kernel_smem<T>(kTile, mem_tile);
     auto rows_kernel = memvp_backward_rows_kernel<T>;
     allow_dynamic_smem(rows_kernel, smem);
     rows_kernel<<<dim3((L + kTile - 1) / kTile, B), 32, smem, stream>>>(

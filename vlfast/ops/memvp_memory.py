@@ -43,7 +43,7 @@ def memvp_memory_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(out, pre) on the named kernel backend (triton, cuda, cpu), for contiguous inputs; see
-    `memvp_memory`. pre = x (z + key_pos)^T (B, L, M) in fp32, kept for backward: M / D of x's size,
+    `memvp_memory`. pre = x (z + key_pos)^T (B, L, M) in fp32, kept for backward: M / D of x's elements,
     and it spares the backward a recomputation over D."""
     return kernel(backend, "memvp_memory", "forward")(x, z, key_pos, value_pos, scale, dropout_p, seed)
 
