@@ -20,10 +20,11 @@ fp16 (max 65504): the activation and dpre can pass the fp16 range where the fp32
 op's results do not (x K^T of 2e5 with small V). Wherever such a tile is rounded to fp16 for a
 tensor-core product, it is first multiplied by a power of 2 per row of the product's result
 (uniform along the reduction), and the fp32 product by its inverse (`_fp16_safe_factor`); the factor
-is 1 below 2^15, so ordinary inputs round exactly as before. The fp16 backward's (B, L, M)
-operands are fp32 in memory, so each tile finds its own factor. The forward's activation stays fp16 in memory with one
-fp32 factor per (row, activation tile) beside it (1/64 more bytes at BLOCK_M = 128), which costs less
-traffic than writing the activation in fp32 (twice the bytes, read once per D tile of the product).
+is 1 below 2^15, so ordinary inputs round exactly as before. The fp16 backward's (B, L, M) operands
+are fp32 in memory, so each tile finds its own factor. The forward's activation stays fp16 in memory
+with one fp32 factor per (row, activation tile) beside it (1/64 more bytes at BLOCK_M = 128), which
+costs less traffic than writing the activation in fp32 (twice the bytes, read once per D tile of the
+product).
 
 Dropout is counter-based (`kernels/utils.py: dropout_factor`), so the mask is regenerated from the
 seed in backward and equal on all backends. Offsets into (B, L, D) and (B, L, M) tensors are 64-bit:
@@ -93,15 +94,14 @@ def memvp_activation_kernel(
     BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, FP16_SAFE: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (rows x memory) tile of rows (z + pos)^T, accumulated over D in fp32, and what follows from it.
+    """One (rows x memory) tile of rows (z + pos)^T, accumulated over D in fp32, and what follows.
     Forward (rows = x, pos = key_pos): stores pre = x K^T (fp32) and act = dropout(silu(pre)) * scale,
     with FP16_SAFE times a per-row power of 2 whose inverse goes to unscale (B, L, cdiv(M, BLOCK_M)).
     Backward (rows = dout, pos = value_pos: the product is dL/dhidden / scale): from the stored pre,
     stores act = dropout(silu(pre)) * scale and dpre = dropout(scale dhidden) silu'(pre) in act's
     dtype (16-bit inputs take smaller tiles than the forward's: pre loaded beside the product would
-    spill registers). Offsets are
-    a 64-bit start per tile plus 32-bit offsets within it (B x L x D can pass 2^31), computed after
-    the loop so that they hold no registers during it."""
+    spill registers). Offsets are a 64-bit start per tile plus 32-bit offsets within it (B x L x D
+    can pass 2^31), computed after the loop so that they hold no registers during it."""
     batch = tl.program_id(2)
     row0, m0 = tl.program_id(0) * BLOCK_L, tl.program_id(1) * BLOCK_M
     product = _pre_activation(rows_ptr, z_ptr, pos_ptr, batch, row0, m0, length, memory, dim,
@@ -226,12 +226,12 @@ TILES = {
 
 def launch_config(x: torch.Tensor, memory: int, interpret: bool | None = None) -> dict:
     """Tiles and warps of every kernel (TILES): `act` / `act_backward`, (rows x memory) activation
-    tiles reduced over D; `product`, (rows x D) output tiles
-    reduced over M (out and dx); `memory`, the memory-gradient kernel's (memory x D) tiles reduced
-    over rows. Chosen with `python -m vlfast.kernels.report`: no spills on sm_80 and sm_90, and
-    shared memory within 99 KiB on sm_80 (A10 / L4 / L40S-class GPUs). Large tiles: every operand is
-    re-read through L2 once per tile along the other side, so 128 x 128 activation tiles read x 3
-    times and z + pos 4 times at LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times)."""
+    tiles reduced over D; `product`, (rows x D) output tiles reduced over M (out and dx); `memory`,
+    the memory-gradient kernel's (memory x D) tiles reduced over rows. Chosen with `python -m
+    vlfast.kernels.report`: no spills on sm_80 and sm_90, and shared memory within 99 KiB on sm_80
+    (A10 / L4 / L40S-class GPUs). Large tiles: every operand is re-read through L2 once per tile
+    along the other side, so 128 x 128 activation tiles read x 3 times and z + pos 4 times at
+    LLaMA-7B's L = 512, M = 320 (64 x 64: 5 and 8 times)."""
     dots = dot_options(x, interpret)
     config = {}
     for kernel, (block_l, block_m, block_d, warps) in TILES[x.element_size()].items():
