@@ -299,7 +299,7 @@ def memvp_gradient_itemsize(s: MemVPShape) -> int:
     kernels/memvp_memory.py's gradient_dtype picks them for the modelled dtype."""
     from vlfast.kernels.memvp_memory import gradient_dtype
 
-    return torch.empty((), dtype=gradient_dtype(_MODELLED_DTYPES[s.itemsize])).element_size()
+    return gradient_dtype(_MODELLED_DTYPES[s.itemsize]).itemsize
 
 
 def _memvp_activation(s: MemVPShape, t: dict, hw: Hardware, backward: bool) -> Launch:
