@@ -116,7 +116,7 @@ def compile_triton(op: str, spec: KernelSpec, arch: int) -> KernelResources:
     return KernelResources(
         "triton", op, name, f"{spec.label} [{config}]", arch, reg, stack, local,
         _spill_stores(compiled.asm["ptx"], arch), static_shared + compiled.metadata.shared, hmma, hgmma,
-        matrix_kernel=True,
+        matrix_kernel=spec.matrix,
     )
 
 

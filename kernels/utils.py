@@ -66,6 +66,7 @@ class KernelSpec:
     # Integer arguments' values at that problem: Triton's JIT compiles a launch knowing which are
     # multiples of 16 (vectorised, pipelined loads), so the report must know them too.
     sizes: dict[str, int] = field(default_factory=dict)
+    matrix: bool = True  # runs tl.dot products, so must use tensor cores
 
     def divisible_by_16(self) -> list[str]:
         """The arguments Triton's JIT marks as multiples of 16 for this problem: pointers (PyTorch

@@ -57,15 +57,15 @@ def test_problems_flags_spills_shared_memory_and_missing_tensor_cores(rows):
 def test_kernels_compile_as_the_jit_would_launch_them():
     """Triton's JIT marks pointers and multiples of 16 so; compiled without those marks a kernel's
     loads are neither vectorised nor pipelined, which is not what runs."""
-    from vlfast.kernels import memvp_memory
+    from vlfast.kernels import cross_attention
 
-    marked = memvp_memory.report_specs()[0].divisible_by_16()
-    assert {"rows_ptr", "z_ptr", "length", "memory", "dim"} <= set(marked) and "seed" not in marked
+    marked = cross_attention.report_specs()[0].divisible_by_16()
+    assert {"q_ptr", "k_ptr", "q_len", "head_dim"} <= set(marked) and "kv_len" not in marked  # Lk = 257
     compare = ("from dataclasses import replace\n"
-               "from vlfast.kernels import memvp_memory, report\n"
-               "spec = memvp_memory.report_specs()[0]\n"
+               "from vlfast.kernels import cross_attention, report\n"
+               "spec = cross_attention.report_specs()[0]\n"
                "for s in (spec, replace(spec, sizes={})):\n"
-               "    print(report.compile_triton('memvp_memory', s, 90).shared_bytes)\n")
+               "    print(report.compile_triton('cross_attention', s, 90).shared_bytes)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", compare], env=env, capture_output=True, text=True)
     as_launched, unmarked = map(int, done.stdout.split())

@@ -50,27 +50,41 @@ def oracle_and_kernel(backend: str, dropout_p: float, keep):
     return oracle, kernel
 
 
+def pooled(results: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Outputs and gradients of several draws, each flattened and concatenated."""
+    outs, grads = zip(*results, strict=True)
+    return torch.cat([o.flatten() for o in outs]), [torch.cat([g.flatten() for g in gs])
+                                                    for gs in zip(*grads, strict=True)]
+
+
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
 def test_matches_float64_reference(backend, dtype, shape, dropout_p):
-    tensors, dout = make_inputs(shape)
-    # The reference sees the same dtype-rounded inputs, so only the computation's error is compared.
-    tensors, dout = [t.to(dtype).double() for t in tensors], dout.to(dtype).double()
     keep = dropout_keep_mask(seed_of(7), (shape[0], shape[1], shape[2]), dropout_p) if dropout_p else None
     oracle, kernel = oracle_and_kernel(backend, dropout_p, keep)
-
-    ref_out, ref_grads = forward_backward(oracle, tensors, dout, torch.float64)
-    plain_out, plain_grads = forward_backward(oracle, tensors, dout, dtype)
-    with poisoned_outputs():
-        out, grads = forward_backward(kernel, tensors, dout, dtype)
-    assert out.dtype == dtype and out.shape == ref_out.shape
+    # The rule compares maxima: over a handful of elements the plain op's can be luckily small (at
+    # 1 x 1 x 1 x 1 in bf16, one draw in 45 fails by 2x for a chain that rounds fewer intermediates
+    # than it), so tiny shapes are checked over 16 independent draws, pooled.
+    b, length, m, d = shape
+    draws = 16 if b * length * d < 64 else 1
+    ref, plain, got = [], [], []
+    for _ in range(draws):
+        tensors, dout = make_inputs(shape)
+        # The reference sees the same dtype-rounded inputs, so only the computation's error is compared.
+        tensors, dout = [t.to(dtype).double() for t in tensors], dout.to(dtype).double()
+        ref.append(forward_backward(oracle, tensors, dout, torch.float64))
+        plain.append(forward_backward(oracle, tensors, dout, dtype))
+        with poisoned_outputs():
+            got.append(forward_backward(kernel, tensors, dout, dtype))
+    assert got[0][0].dtype == dtype and got[0][0].shape == ref[0][0].shape
+    assert all(g.dtype == dtype and g.shape == r.shape for g, r in zip(got[0][1], ref[0][1], strict=True))
+    (ref_out, ref_grads), (plain_out, plain_grads), (out, grads) = pooled(ref), pooled(plain), pooled(got)
     assert_close_to_reference("out", out, ref_out, plain_out, factor=2)
     names = ("dx", "dz", "dkey_pos", "dvalue_pos")
-    for name, got, ref, plain in zip(names, grads, ref_grads, plain_grads, strict=True):
-        assert got.dtype == dtype and got.shape == ref.shape
-        assert_close_to_reference(name, got, ref, plain, factor=3)
+    for name, got_grad, ref_grad, plain_grad in zip(names, grads, ref_grads, plain_grads, strict=True):
+        assert_close_to_reference(name, got_grad, ref_grad, plain_grad, factor=3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])

@@ -92,12 +92,14 @@ class Cost:
 GEMM_TILE = 256
 
 
-def matmul(rows: int, cols: int, inner: int, itemsize: int, batch: int = 1) -> Cost:
+def matmul(rows: int, cols: int, inner: int, itemsize: int, batch: int = 1, out_itemsize: int | None = None) -> Cost:
     """One (batched) product (rows x inner) @ (inner x cols) as cuBLAS runs it: each operand read once
-    from DRAM and re-read through L2 by every further tile along the other side, the result written."""
+    from DRAM and re-read through L2 by every further tile along the other side, the result written
+    (in out_itemsize bytes per element, by default the operands')."""
     a, b = rows * inner, inner * cols
     rereads = a * (triton.cdiv(cols, GEMM_TILE) - 1) + b * (triton.cdiv(rows, GEMM_TILE) - 1)
-    return Cost(itemsize * batch * (a + b + rows * cols), 2.0 * batch * rows * cols * inner,
+    written = (out_itemsize or itemsize) * batch * rows * cols
+    return Cost(itemsize * batch * (a + b) + written, 2.0 * batch * rows * cols * inner,
                 itemsize * batch * rereads, fp32=itemsize == 4)
 
 
@@ -287,91 +289,47 @@ def memvp_floor(s: MemVPShape, backward: bool = False) -> Cost:
 
 
 def memvp_config(s: MemVPShape) -> dict:
-    """kernels/memvp_memory.py's launch_config for this shape, as on a GPU."""
+    """kernels/memvp_memory.py's launch_config (elements per program and warps of its Triton kernels)."""
     from vlfast.kernels.memvp_memory import launch_config
 
-    x = torch.empty(1, 1, s.dim, dtype=_MODELLED_DTYPES[s.itemsize], device="meta")
-    return launch_config(x, s.memory, interpret=False)
+    return launch_config()
 
 
-def memvp_gradient_itemsize(s: MemVPShape) -> int:
-    """Bytes per element of the backward's (B, L, M) activation and gradient, as
-    kernels/memvp_memory.py's gradient_dtype picks them for the modelled dtype."""
-    from vlfast.kernels.memvp_memory import gradient_dtype
+def memvp_intermediate_itemsize(s: MemVPShape) -> int:
+    """Bytes per element of the (B, L, M) activation and its gradient, as kernels/memvp_memory.py's
+    intermediate_dtype picks them for the modelled dtype."""
+    from vlfast.kernels.memvp_memory import intermediate_dtype
 
-    return gradient_dtype(_MODELLED_DTYPES[s.itemsize]).itemsize
-
-
-def _memvp_activation(s: MemVPShape, t: dict, hw: Hardware, backward: bool) -> Launch:
-    """memvp_activation_kernel: a program per (row tile, memory tile, sample) reduces x (z + key_pos)^T
-    (forward) or dout (z + value_pos)^T (backward) over D in BLOCK_D steps, reading x or dout once
-    per memory tile and z + pos once per row tile. The forward writes the activation and the fp32
-    pre-activation; the backward reads that and writes the activation and its gradient."""
-    e = s.itemsize
-    row_tiles, mem_tiles = triton.cdiv(s.length, t["BLOCK_L"]), triton.cdiv(s.memory, t["BLOCK_M"])
-    programs, d_steps = row_tiles * mem_tiles * s.batch, triton.cdiv(s.dim, t["BLOCK_D"])
-    x, z, pos = e * s.batch * s.elements(s.length), e * s.batch * s.elements(s.memory), e * s.elements(s.memory)
-    # The grid walks row tiles, then memory tiles, then samples: one sample's operands pass between re-reads.
-    sample = (x + z) / s.batch + pos
-    x_dram, x_l2 = _reread(x, mem_tiles * x, sample, hw)
-    m_dram, m_l2 = _reread(z + pos, row_tiles * (z + s.batch * pos), sample, hw)
-    kept = 4 * s.batch * s.length * s.memory  # the fp32 pre-activation: written, or read back
-    written = (2 * memvp_gradient_itemsize(s) if backward else e) * s.batch * s.length * s.memory
-    return Launch("activation gradient" if backward else "activation", programs, t["num_warps"],
-                  dram=x_dram + m_dram + kept + written, l2=x_l2 + m_l2,
-                  flops=2.0 * programs * t["BLOCK_L"] * t["BLOCK_M"] * d_steps * t["BLOCK_D"],
-                  steps=d_steps, fp32=e == 4)
+    return intermediate_dtype(_MODELLED_DTYPES[s.itemsize]).itemsize
 
 
-def _memvp_product(s: MemVPShape, t: dict, act_itemsize: int, hw: Hardware, name: str) -> Launch:
-    """memvp_times_memory_kernel: a program per (row tile, D tile, sample) reduces over M in BLOCK_M
-    steps, reading the activation once per D tile and z + pos once per row tile."""
-    e = s.itemsize
-    row_tiles, d_tiles = triton.cdiv(s.length, t["BLOCK_L"]), triton.cdiv(s.dim, t["BLOCK_D"])
-    programs, m_steps = row_tiles * d_tiles * s.batch, triton.cdiv(s.memory, t["BLOCK_M"])
-    act, z, pos = act_itemsize * s.batch * s.length * s.memory, e * s.batch * s.elements(s.memory), e * s.elements(
-        s.memory)
-    sample = (act + z) / s.batch + pos
-    a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
-    m_dram, m_l2 = _reread(z + pos, row_tiles * (z + s.batch * pos), sample, hw)
-    return Launch(name, programs, t["num_warps"], dram=a_dram + m_dram + e * s.batch * s.elements(s.length),
-                  l2=a_l2 + m_l2, flops=2.0 * programs * t["BLOCK_L"] * m_steps * t["BLOCK_M"] * t["BLOCK_D"],
-                  steps=m_steps, fp32=e == 4)
+def _streaming(name: str, elements: int, cfg: dict, dram: float, steps: int = 1) -> Launch:
+    """A Triton kernel of BLOCK elements per program that streams its bytes once (no products, no
+    re-reads); `steps` loop steps each waiting on its loads (loops without products are not
+    pipelined: one in flight)."""
+    return Launch(name, triton.cdiv(elements, cfg["BLOCK"]), cfg["num_warps"], dram=dram, l2=0.0, flops=0.0,
+                  steps=steps, in_flight=1)
 
 
-def _memvp_memory_gradient(s: MemVPShape, t: dict, hw: Hardware, side: str) -> Launch:
-    """memvp_bwd_memory_kernel, one side: a program per (memory tile, D tile) walks every sample's
-    rows in BLOCK_L steps, reading the (B, L, M) activation or its gradient once per D tile and x (or
-    dout) once per memory tile; writes dpos, and dK in fp32 (keys) or dz = dK + dV in z's dtype
-    (values, reading dK back)."""
-    e = s.itemsize
-    mem_tiles, d_tiles = triton.cdiv(s.memory, t["BLOCK_M"]), triton.cdiv(s.dim, t["BLOCK_D"])
-    programs, steps = mem_tiles * d_tiles, s.batch * triton.cdiv(s.length, t["BLOCK_L"])
-    act = memvp_gradient_itemsize(s) * s.batch * s.length * s.memory
-    rows = e * s.batch * s.elements(s.length)
-    # Resident programs walk the samples in step: one sample's activation and rows pass between re-reads.
-    sample = (act + rows) / s.batch
-    a_dram, a_l2 = _reread(act, d_tiles * act, sample, hw)
-    r_dram, r_l2 = _reread(rows, mem_tiles * rows, sample, hw)
-    dz = (4 + e if side == "values" else 4) * s.batch * s.elements(s.memory)
-    return Launch(f"memory gradient ({side})", programs, t["num_warps"],
-                  dram=a_dram + r_dram + dz + e * s.elements(s.memory), l2=a_l2 + r_l2,
-                  flops=2.0 * programs * steps * t["BLOCK_L"] * t["BLOCK_M"] * t["BLOCK_D"], steps=steps,
-                  fp32=e == 4)
-
-
-def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch]:
-    """The kernels of kernels/memvp_memory.py with the tiles of `cfg` (memvp_config). Forward: the
-    activation kernel writes the (B, L, M) activation, the product kernel multiplies it by
-    z + value_pos. Backward: the activation kernel's gradient mode, dx = dpre (z + key_pos) with the
-    product kernel, and the memory-gradient kernel for each side."""
+def memvp_triton(s: MemVPShape, cfg: dict, hw: Hardware, backward: bool = False) -> list[Launch | Cost]:
+    """The kernels of kernels/memvp_memory.py with the blocks of `cfg` (memvp_config): cuBLAS's
+    products (`matmul`, as the eager chain's; pre and dL/dhidden written in fp32) and the Triton
+    kernels between them, each streaming its bytes once. Forward: K and V (a program per block of
+    the M x D elements, walking the samples), pre = x K^T, the activation, act V. Backward: K and V
+    again, dL/dhidden = dout V^T, the activation and its gradient, dx, dK, dV, and dz, dkey_pos,
+    dvalue_pos in one pass over dK and dV."""
+    e, g, b, length, m, d = s.itemsize, memvp_intermediate_itemsize(s), s.batch, s.length, s.memory, s.dim
+    mem, pos, act = b * m * d, m * d, b * length * m
+    keys_values = _streaming("keys and values", pos, cfg["keys_values"], e * (mem + 2 * pos + 2 * mem), steps=b)
     if not backward:
-        return [_memvp_activation(s, cfg["act"], hw, False),
-                _memvp_product(s, cfg["product"], s.itemsize, hw, "product")]
-    return [_memvp_activation(s, cfg["act_backward"], hw, True),
-            _memvp_product(s, cfg["product"], memvp_gradient_itemsize(s), hw, "dx"),
-            _memvp_memory_gradient(s, cfg["memory"], hw, "keys"),
-            _memvp_memory_gradient(s, cfg["memory"], hw, "values")]
+        return [keys_values, matmul(length, m, d, e, b, out_itemsize=4),
+                _streaming("activation", act, cfg["activation"], (4 + g) * act),
+                matmul(length, d, m, e, b)]
+    return [keys_values, matmul(length, m, d, e, b, out_itemsize=4),  # dL/dhidden
+            _streaming("activation gradient", act, cfg["activation"], (4 + 4 + 2 * g) * act),
+            matmul(length, d, m, e, b),  # dx = dpre K
+            matmul(m, d, length, e, b, out_itemsize=g), matmul(m, d, length, e, b, out_itemsize=g),  # dK, dV
+            _streaming("memory gradients", pos, cfg["memory_gradient"], 2 * g * mem + e * (mem + 2 * pos), steps=b)]
 
 
 def memvp_eager(s: MemVPShape, dropout: bool = True, backward: bool = False) -> list[Cost]:

@@ -19,11 +19,13 @@ from vlfast.ops.reference import memvp_memory_torch
 # backend runs the CUDA kernels' arithmetic in scalar C++, to test it without a GPU); on an H200
 # by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: at B=8 L=512 M=320
 # D=4096 bf16 the forward took 130 us in plain PyTorch, 1105 us in triton, 18.8 ms in cuda; the
-# rewritten Triton kernels, in the rerun: forward 145 us against 131, forward + backward 1188 us
-# against 568): plain PyTorch.
+# second Triton version, in the rerun: forward 145 us against 131, forward + backward 1188 us
+# against 568): plain PyTorch, until the GPU check has timed the present triton backend (cuBLAS's
+# products with Triton kernels between them: projected 0.7x / 0.8x eager's time on an H100).
 PREFERENCE = {"cpu": ("torch",), "cuda": ("torch",)}
 SUPPORT = {
-    "triton": Support(limits={"D": MAX_WIDTH}, note="any M; fp32 as 3-pass tf32"),
+    "triton": Support(limits={"D": MAX_WIDTH}, note="any M; products by cuBLAS (torch.bmm), the passes "
+                      "between them fused in Triton; fp32 products as PyTorch's fp32 matmul"),
     "cuda": Support(HALF_DTYPES, {"D": MAX_WIDTH}, note="tensor cores (sm_80+); any M, in tiles sized to the GPU's "
                     "shared memory", dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
     "cpu": Support(limits={"D": MAX_WIDTH}, note="the CUDA kernels' arithmetic in scalar C++, for testing it (slow); "
