@@ -179,24 +179,25 @@ KERNEL_BATCH = 32  # samples per kernel call in the projections below (the bench
 
 
 def fused_seconds_saved(setup: Setup, gpu: Hardware = A100) -> float:
-    """Projected time per sample that vlfast's fused kernels remove from the eager PyTorch chains:
-    the Q-Former's cross-attention (forward and backward) and, with the memory connector, MemVP's
-    forward in every LLM layer (its backward is not counted), each at a batch of KERNEL_BATCH.
-    Kernels as launched and eager chains are projected by vlfast.costmodel.kernels; an op whose
-    kernels project slower than its eager chain saves nothing (auto would run plain PyTorch there)."""
+    """Projected time per sample that vlfast's fused kernels remove from the eager PyTorch chains,
+    forward + backward: the Q-Former's cross-attention and, with the memory connector, MemVP in every
+    LLM layer, each at a batch of KERNEL_BATCH. Kernels as launched and eager chains are projected
+    by vlfast.costmodel.kernels; an op whose kernels project slower than its eager chain saves
+    nothing (auto would run plain PyTorch there)."""
     q = setup.qformer
     attention = AttentionShape(KERNEL_BATCH, q.heads, q.queries, setup.image_tokens, q.hidden // q.heads)
     blocks = attention_config(attention)
     cross_layers = len(range(0, q.layers, q.cross_every))
-    saved = 0.0
-    for backward in (False, True):
-        eager = chain_seconds(cross_attention_eager(attention, backward), gpu)
-        fused = chain_seconds(cross_attention_triton(attention, blocks, gpu, backward), gpu)
-        saved += cross_layers * max(eager - fused, 0.0)
+    eager = chain_seconds(cross_attention_eager(attention, backward=True), gpu)  # forward + backward
+    fused = sum(chain_seconds(cross_attention_triton(attention, blocks, gpu, backward), gpu)
+                for backward in (False, True))
+    saved = cross_layers * max(eager - fused, 0.0)
     if setup.connector == "memory":
         memory = MemVPShape(KERNEL_BATCH, setup.text_tokens, setup.memory_rows, setup.llm.hidden)
-        fused = chain_seconds(memvp_triton(memory, memvp_config(memory), gpu), gpu)
-        saved += setup.llm.layers * max(chain_seconds(memvp_eager(memory), gpu) - fused, 0.0)
+        cfg = memvp_config(memory)
+        eager = chain_seconds(memvp_eager(memory, backward=True), gpu)
+        fused = sum(chain_seconds(memvp_triton(memory, cfg, gpu, backward), gpu) for backward in (False, True))
+        saved += setup.llm.layers * max(eager - fused, 0.0)
     return saved / KERNEL_BATCH
 
 
