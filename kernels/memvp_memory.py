@@ -53,11 +53,13 @@ def memvp_keys_values_kernel(z_ptr, key_pos_ptr, value_pos_ptr, keys_ptr, values
     inside = offsets < size
     key_pos = tl.load(key_pos_ptr + offsets, mask=inside).to(tl.float32)
     value_pos = tl.load(value_pos_ptr + offsets, mask=inside).to(tl.float32)
-    for batch in range(batches):
-        at = batch * size + offsets
-        z = tl.load(z_ptr + at, mask=inside).to(tl.float32)
-        tl.store(keys_ptr + at, (z + key_pos).to(keys_ptr.dtype.element_ty), mask=inside)
-        tl.store(values_ptr + at, (z + value_pos).to(values_ptr.dtype.element_ty), mask=inside)
+    # Pointers advanced by one sample per step: batch * size can pass 2^31 in 32-bit arithmetic.
+    z_ptr, keys_ptr, values_ptr = z_ptr + offsets, keys_ptr + offsets, values_ptr + offsets
+    for _ in range(batches):
+        z = tl.load(z_ptr, mask=inside).to(tl.float32)
+        tl.store(keys_ptr, (z + key_pos).to(keys_ptr.dtype.element_ty), mask=inside)
+        tl.store(values_ptr, (z + value_pos).to(values_ptr.dtype.element_ty), mask=inside)
+        z_ptr, keys_ptr, values_ptr = z_ptr + size, keys_ptr + size, values_ptr + size
 
 
 @triton.jit
@@ -90,13 +92,14 @@ def memvp_memory_gradient_kernel(dkeys_ptr, dvalues_ptr, dz_ptr, dkey_pos_ptr, d
     inside = offsets < size
     dkey_pos = tl.zeros((BLOCK,), tl.float32)
     dvalue_pos = tl.zeros((BLOCK,), tl.float32)
-    for batch in range(batches):
-        at = batch * size + offsets
-        dkeys = tl.load(dkeys_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        dvalues = tl.load(dvalues_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        tl.store(dz_ptr + at, (dkeys + dvalues).to(dz_ptr.dtype.element_ty), mask=inside)
+    dkeys_ptr, dvalues_ptr, dz_ptr = dkeys_ptr + offsets, dvalues_ptr + offsets, dz_ptr + offsets
+    for _ in range(batches):  # pointers advanced per sample, as in memvp_keys_values_kernel
+        dkeys = tl.load(dkeys_ptr, mask=inside, other=0.0).to(tl.float32)
+        dvalues = tl.load(dvalues_ptr, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dz_ptr, (dkeys + dvalues).to(dz_ptr.dtype.element_ty), mask=inside)
         dkey_pos += dkeys
         dvalue_pos += dvalues
+        dkeys_ptr, dvalues_ptr, dz_ptr = dkeys_ptr + size, dvalues_ptr + size, dz_ptr + size
     tl.store(dkey_pos_ptr + offsets, dkey_pos.to(dkey_pos_ptr.dtype.element_ty), mask=inside)
     tl.store(dvalue_pos_ptr + offsets, dvalue_pos.to(dvalue_pos_ptr.dtype.element_ty), mask=inside)
 

@@ -96,13 +96,14 @@ def dropout_args(dropout_p: float, seed: int) -> dict:
 def dropout_factor(seed, offsets, threshold, keep_scale):
     """0 for a dropped element, keep_scale for a kept one; offsets are the elements' row-major
     indices in the dropped tensor. The hash of csrc/dropout_math.h and vlfast/ops/reference.py."""
-    x = offsets.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+    # tl.cast, not .to: the JIT passes an integer argument equal to 1 as a constant, which has no .to.
+    x = offsets.to(tl.uint32) * 0x9E3779B1 + tl.cast(seed, tl.uint32)
     x = x ^ (x >> 16)
     x = x * 0x85EBCA6B
     x = x ^ (x >> 13)
     x = x * 0xC2B2AE35
     x = x ^ (x >> 16)
-    return tl.where((x >> 8) >= threshold.to(tl.uint32), keep_scale, 0.0)
+    return tl.where((x >> 8) >= tl.cast(threshold, tl.uint32), keep_scale, 0.0)
 
 
 @triton.jit

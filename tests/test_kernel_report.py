@@ -70,3 +70,25 @@ def test_kernels_compile_as_the_jit_would_launch_them():
     done = subprocess.run([sys.executable, "-c", compare], env=env, capture_output=True, text=True)
     as_launched, unmarked = map(int, done.stdout.split())
     assert as_launched > unmarked, done.stderr[-2000:]  # pipelined: several stages' tiles in shared memory
+
+
+def test_kernels_compile_with_integer_arguments_equal_to_one():
+    """Triton's JIT passes an integer argument equal to 1 (a dropout seed, a batch of one) as a
+    constant, which has no `.to`: every kernel must compile so too (the interpreter never does)."""
+    script = ("from dataclasses import replace\n"
+              "from vlfast.kernels import report\n"
+              "for op, specs in report.SPEC_SOURCES.items():\n"
+              "    seen = set()\n"
+              "    for spec in specs():\n"
+              "        ints = {a for a, kind in spec.signature.items() if kind == 'i32'}\n"
+              "        if spec.fn in seen or not ints:\n"
+              "            continue\n"
+              "        seen.add(spec.fn)\n"
+              "        ones = replace(spec, signature={a: k for a, k in spec.signature.items() if a not in ints},\n"
+              "                       constexprs={**spec.constexprs, **dict.fromkeys(ints, 1)}, sizes={})\n"
+              "        report.compile_triton(op, ones, 90)\n"
+              "        print(spec.fn.__name__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"memvp_activation_kernel", "cross_attention_fwd_kernel"} <= set(done.stdout.split())
