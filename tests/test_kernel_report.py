@@ -11,13 +11,16 @@ import pytest
 from vlfast.kernels import report
 
 
+def without_interpreter(*args: str) -> subprocess.CompletedProcess:
+    """Python run with these arguments: compiling for a GPU needs real @triton.jit functions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> list[report.KernelResources]:
-    # Compiling for a GPU needs real @triton.jit functions: run without the interpreter.
     path = tmp_path_factory.mktemp("report") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "vlfast.kernels.report", "--json", str(path)],
-                          env=env, capture_output=True, text=True)
+    done = without_interpreter("-m", "vlfast.kernels.report", "--json", str(path))
     assert path.exists(), done.stderr[-3000:]
     return [report.KernelResources(**row) for row in json.loads(path.read_text())]
 
@@ -66,8 +69,7 @@ def test_kernels_compile_as_the_jit_would_launch_them():
                "spec = cross_attention.report_specs()[0]\n"
                "for s in (spec, replace(spec, sizes={})):\n"
                "    print(report.compile_triton('cross_attention', s, 90).shared_bytes)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", compare], env=env, capture_output=True, text=True)
+    done = without_interpreter("-c", compare)
     as_launched, unmarked = map(int, done.stdout.split())
     assert as_launched > unmarked, done.stderr[-2000:]  # pipelined: several stages' tiles in shared memory
 
@@ -88,7 +90,6 @@ def test_kernels_compile_with_integer_arguments_equal_to_one():
               "                       constexprs={**spec.constexprs, **dict.fromkeys(ints, 1)}, sizes={})\n"
               "        report.compile_triton(op, ones, 90)\n"
               "        print(spec.fn.__name__)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    done = without_interpreter("-c", script)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"memvp_activation_kernel", "cross_attention_fwd_kernel"} <= set(done.stdout.split())
