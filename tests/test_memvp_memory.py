@@ -125,6 +125,28 @@ def test_dropout_is_reproducible_from_the_generator(backend):
     assert not torch.allclose(run(1), run(2))
 
 
+def test_torch_backend_multiplies_in_the_input_dtype_off_cpu():
+    """On GPUs the torch backend (auto's choice there) runs its products in bf16 on tensor cores, as
+    the unfused op does; in fp32 they would run on CUDA cores. Checked on meta tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.mm):
+                self.dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    for device, expected in (("meta", {torch.bfloat16}), ("cpu", {torch.float32})):
+        x, z, kp, vp = [t.to(device, torch.bfloat16) for t in make_inputs((2, 5, 3, 16))[0]]
+        with ProductDtypes() as seen:
+            out = memvp_memory(x, z, kp, vp, scale=SCALE, backend="torch")
+        assert seen.dtypes == expected and out.dtype == torch.bfloat16
+
+
 def test_dropout_keep_rate_and_mask_agreement():
     for p in (0.1, 0.5):
         keep = dropout_keep_mask(seed_of(0), (4, 512, 512), p)

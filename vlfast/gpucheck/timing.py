@@ -119,6 +119,7 @@ def _attention(dims: dict[str, int], dtype: torch.dtype, device: torch.device):
     return tensors, {
         "vlfast triton": lambda q, k, v: cross_attention(q, k, v, mask, backend="triton"),
         "vlfast cuda": lambda q, k, v: cross_attention(q, k, v, mask, backend="cuda"),
+        "vlfast auto": lambda q, k, v: cross_attention(q, k, v, mask),
         "eager": lambda q, k, v: cross_attention_autograd(q, k, v, mask),
         "sdpa efficient": sdpa(backends.EFFICIENT_ATTENTION),
         "sdpa cudnn": sdpa(backends.CUDNN_ATTENTION),
@@ -134,6 +135,7 @@ def _memvp(dims: dict[str, int], dtype: torch.dtype, device: torch.device):
     return tensors, {
         "vlfast triton": lambda *t: memvp_memory(*t, backend="triton"),
         "vlfast cuda": lambda *t: memvp_memory(*t, backend="cuda"),
+        "vlfast auto": memvp_memory,
         "eager": memvp_memory_autograd,
     }
 
@@ -149,6 +151,7 @@ def _adapter(dims: dict[str, int], dtype: torch.dtype, device: torch.device):
     return tensors, {
         "vlfast triton": lambda *t: routed_adapter(*t, backend="triton"),
         "vlfast cuda": lambda *t: routed_adapter(*t, backend="cuda"),
+        "vlfast auto": routed_adapter,
         "eager": routed_adapter_autograd,
     }
 

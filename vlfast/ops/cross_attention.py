@@ -16,12 +16,14 @@ from vlfast.ops.checks import check_same_device, check_tensor
 from vlfast.ops.glue import kernel, register_backward
 from vlfast.ops.reference import cross_attention_torch
 
-# `auto`'s order per device type, fastest first as measured at the Q-Former shape: on CPU SDPA (the
-# torch backend) by benchmarks/test_cross_attention.py; the cpu backend, scalar C++ with the CUDA
-# kernels' arithmetic, is there to test that arithmetic without a GPU, not for speed. On an H200 by
-# `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30: bf16 forward triton 54 us,
-# eager 111 us; forward + backward cuda 611 us, triton 749 us, eager 907 us).
-PREFERENCE = {"cpu": ("torch",), "cuda": ("triton", "cuda")}
+# `auto`'s order per device type, fastest first as measured at the Q-Former shape (B=32, masked): on
+# CPU SDPA (the torch backend) by benchmarks/test_cross_attention.py; the cpu backend, scalar C++
+# with the CUDA kernels' arithmetic, is there to test that arithmetic without a GPU, not for speed.
+# On an H200 by `python -m vlfast.gpucheck` (benchmarks/results/gpu/h200-2026-11-30-rerun, CUDA
+# events, host time included): SDPA, which the torch backend calls with the mask, beat every vlfast
+# kernel in every dtype (bf16 forward 53 us against triton 83, forward + backward 431 against triton
+# 1,049 and cuda 612; fp16 and fp32 alike), so plain PyTorch until a GPU check times them otherwise.
+PREFERENCE = {"cpu": ("torch",), "cuda": ("torch",)}
 SUPPORT = {
     "triton": Support(limits={"head dim": 256}, note="fp32 as 3-pass tf32"),
     "cuda": Support(HALF_DTYPES, {"head dim": 128}, note="tensor cores (sm_80+)",
