@@ -9,12 +9,13 @@ cuBLAS's (`torch.bmm`, accumulating in fp32), and Triton fuses the passes betwee
 unfused op runs separately:
 - `memvp_keys_values_kernel`: K and V from one read of z (two additions in plain PyTorch);
 - `memvp_activation_kernel`: forward, from the fp32 pre-activation x K^T (written by cuBLAS in fp32
-  and kept for the backward), act = dropout(silu(pre)) * scale, the scale applied to the (B, L, M)
-  activation rather than the (B, L, D) output; backward, from pre and dL/dhidden = dout V^T, the
-  dropped activation and the pre-activation gradient (scale included) in one pass;
+  and kept for the backward), act = dropout(silu(pre)); backward, from pre and dL/dhidden = dout V^T,
+  the dropped activation and the pre-activation gradient (scale included) in one pass. The scale of
+  act V and of dV = act^T dout rides on cuBLAS's alpha (plain PyTorch scales the (B, L, D) output);
 - `memvp_memory_gradient_kernel`: dz = dK + dV, dkey_pos = sum_b dK, dvalue_pos = sum_b dV in one
   pass (three in plain PyTorch).
-K and V are formed again in the backward rather than kept (2 B M D elements of memory).
+K and V are formed again in the backward rather than kept (2 B M D elements of memory; the unfused
+op keeps them).
 
 The (B, L, M) intermediates are in the input dtype for bf16 and fp32, in fp32 for fp16: there they
 can pass 65504 where the fp32 reference and the op's results do not (x K^T of 2e5 with small V).
