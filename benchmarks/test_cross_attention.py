@@ -13,14 +13,12 @@ beside them the H200 forward times measured for vlfast, eager and SDPA (cited).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.interleaved import auto_against
 from benchmarks.results import save_bar_chart, save_projection
 from vlfast.costmodel import (
     H100,
@@ -103,7 +101,6 @@ def test_cpu_forward_backward(benchmark, name, dtype):
 # cpu backend, forward and forward + backward, in fp32 and bf16.
 AUTO_CASES = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
 CONTENDERS = ("vlfast-auto", "vlfast-cpu", "eager", "sdpa")
-AUTO_ROUNDS = 25
 
 
 def _case_id(value) -> str:
@@ -112,29 +109,10 @@ def _case_id(value) -> str:
 
 @pytest.mark.parametrize(("dtype", "backward"), AUTO_CASES, ids=_case_id)
 def test_cpu_auto_is_not_slower(benchmark, dtype, backward):
-    """Each round times every contender once, in turn, so that load on a shared machine falls on all
-    of them; auto's median must be within 20% of the fastest contender's (a shared machine's noise: a worse
-    choice, the cpu backend or the eager chain, is 1.4-5x slower)."""
     benchmark.group = "cross_attention, CPU: auto against the alternatives, one interleaved round"
     q, k, v, mask = qformer_inputs(dtype, requires_grad=backward)
-    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-
-    def one_round():
-        for name in CONTENDERS:
-            start = time.perf_counter()
-            call(IMPLEMENTATIONS[name], q, k, v, mask, backward)
-            times[name].append(time.perf_counter() - start)
-
-    for _ in range(2):  # warm-up, not counted
-        one_round()
-    for samples in times.values():
-        samples.clear()
-    benchmark.pedantic(one_round, rounds=AUTO_ROUNDS, iterations=1)
-    while len(times["vlfast-auto"]) < AUTO_ROUNDS:  # --benchmark-disable runs one round: the check takes them all
-        one_round()
-    medians = {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
-    benchmark.extra_info["median_ms"] = medians
-    assert medians["vlfast-auto"] <= 1.2 * min(medians.values()), medians
+    auto_against(benchmark, {name: lambda name=name: call(IMPLEMENTATIONS[name], q, k, v, mask, backward)
+                             for name in CONTENDERS})
 
 
 def test_flash_attn_peer(benchmark):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.interleaved import auto_against
 from benchmarks.results import save_bar_chart, save_projection
 from vlfast.costmodel import (
     H100,
@@ -45,11 +46,11 @@ IMPLEMENTATIONS = {
 }
 
 
-def inputs(requires_grad: bool):
+def inputs(requires_grad: bool, dtype: torch.dtype = torch.float32):
     b, length, m, d = CPU_SHAPE
     tensors = (torch.randn(b, length, d), torch.randn(b, m, d) * 0.01, torch.randn(m, d) * 0.02,
                torch.randn(m, d) * 0.02)
-    return [t.requires_grad_(requires_grad) for t in tensors]
+    return [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
 
 
 def run(benchmark, name, fn):
@@ -58,29 +59,55 @@ def run(benchmark, name, fn):
     return benchmark(fn)
 
 
+def forward_backward(fn, tensors):
+    for t in tensors:
+        t.grad = None
+    fn(*tensors).sum().backward()
+    return tensors[1].grad
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
-def test_cpu_forward(benchmark, name):
-    benchmark.group = "memvp_memory forward, CPU, float32, B=1 L=128 M=128 D=1024"
-    tensors = inputs(requires_grad=False)
+def test_cpu_forward(benchmark, name, dtype):
+    benchmark.group = f"memvp_memory forward, CPU, {dtype}, B=1 L=128 M=128 D=1024"
+    tensors = inputs(requires_grad=False, dtype=dtype)
     with torch.no_grad():
         out = run(benchmark, name, lambda: IMPLEMENTATIONS[name](*tensors))
     expected = memvp_memory_autograd(*[t.double() for t in tensors], scale=0.1)
     assert (out.double() - expected).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
-def test_cpu_forward_backward(benchmark, name):
-    benchmark.group = "memvp_memory forward + backward, CPU, float32, B=1 L=128 M=128 D=1024"
-    tensors = inputs(requires_grad=True)
-
-    def step():
-        for t in tensors:
-            t.grad = None
-        IMPLEMENTATIONS[name](*tensors).sum().backward()
-        return tensors[1].grad
-
-    grad = run(benchmark, name, step)
+def test_cpu_forward_backward(benchmark, name, dtype):
+    benchmark.group = f"memvp_memory forward + backward, CPU, {dtype}, B=1 L=128 M=128 D=1024"
+    tensors = inputs(requires_grad=True, dtype=dtype)
+    grad = run(benchmark, name, lambda: forward_backward(IMPLEMENTATIONS[name], tensors))
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_cpu_auto_is_not_slower(benchmark, dtype, backward):
+    """auto (the torch backend) against the eager chain and the cpu backend (an fp32 torch backend
+    was 2.9x slower than eager for bf16)."""
+    benchmark.group = "memvp_memory, CPU: auto against the alternatives, one interleaved round"
+    tensors = inputs(requires_grad=backward, dtype=dtype)
+
+    def contender(name):
+        fn = IMPLEMENTATIONS[name]
+        if backward:
+            return lambda: forward_backward(fn, tensors)
+
+        def forward():
+            with torch.no_grad():
+                return fn(*tensors)
+        return forward
+
+    auto_against(benchmark, {name: contender(name) for name in ("vlfast-auto", "vlfast-cpu", "eager")})
 
 
 def worse_config(cfg: dict) -> dict:

@@ -1,0 +1,36 @@
+"""auto against what a user would run instead, timed in interleaved rounds: each round runs every
+contender once, in turn, so that load on a shared machine falls on all of them."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+ROUNDS = 25
+# auto's median may be this much above the fastest contender's: a shared machine's noise (a worse
+# choice is 1.4-5x slower).
+TOLERANCE = 1.2
+
+
+def auto_against(benchmark, contenders: dict[str, Callable[[], object]], auto: str = "vlfast-auto") -> dict:
+    """Median milliseconds of each contender over ROUNDS interleaved rounds (two more to warm up),
+    recorded in the benchmark's extra_info; asserts auto within TOLERANCE of the fastest."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+
+    def one_round():
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+
+    for _ in range(2):
+        one_round()
+    for samples in times.values():
+        samples.clear()
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    while len(times[auto]) < ROUNDS:  # --benchmark-disable runs one round: the check takes them all
+        one_round()
+    medians = {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
+    benchmark.extra_info["median_ms"] = medians
+    assert medians[auto] <= TOLERANCE * min(medians.values()), medians
+    return medians
