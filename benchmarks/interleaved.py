@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 ROUNDS = 25
 # auto's median may be this much above the fastest contender's: a shared machine's noise (a worse
-# choice is 1.4-5x slower).
+# choice was 1.3-5x slower: memvp's fp32 torch backend for bf16, cross_attention's cpu backend).
 TOLERANCE = 1.2
 
 

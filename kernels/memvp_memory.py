@@ -17,11 +17,12 @@ unfused op runs separately:
 K and V are formed again in the backward rather than kept (2 B M D elements of memory; the unfused
 op keeps them).
 
-The (B, L, M) intermediates are in the input dtype for bf16 and fp32, in fp32 for fp16: there they
-can pass 65504 where the fp32 reference and the op's results do not (x K^T of 2e5 with small V).
-Before a product with an fp16 operand such an intermediate is multiplied by a power of 2 that brings
-it below 2^15 (`_fit_fp16`; 1 for ordinary values, so they round to fp16 as in the unfused op) and
-the fp32 result by its inverse. fp32 products are plain fp32 GEMMs (tf32 where PyTorch allows it).
+The (B, L, M) activation and its gradient are in the input dtype for bf16 and fp32, in fp32 for
+fp16 (pre and dL/dhidden are fp32 always): there they can pass 65504 where the fp32 reference and
+the op's results do not (x K^T of 2e5 with small V). Before a product with an fp16 operand such an
+intermediate is multiplied by a power of 2 that brings it below 2^15 (`_fit_fp16`; 1 for ordinary
+values, so they round to fp16 as in the unfused op) and the fp32 result by its inverse. fp32
+products are plain fp32 GEMMs (tf32 where PyTorch allows it).
 
 Dropout is counter-based (`kernels/utils.py: dropout_factor`, hashing an element's row-major index in
 (B, L, M)), so the mask is regenerated from the seed in backward and equal on all backends. Offsets
@@ -76,8 +77,7 @@ def memvp_activation_kernel(pre_ptr, dhidden_ptr, act_ptr, dpre_ptr, size, scale
     if BACKWARD:
         dhidden = tl.load(dhidden_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         dpre = dhidden * scale * sig * (1.0 + pre * (1.0 - sig))  # silu'(a) = s (1 + a (1 - s))
-        drop_and_save(hidden, dpre, act_ptr, dpre_ptr, offsets, offsets, inside, seed, threshold, keep_scale,
-                      DROPOUT)
+        drop_and_save(hidden, dpre, act_ptr, dpre_ptr, offsets, inside, seed, threshold, keep_scale, DROPOUT)
     else:
         if DROPOUT:
             hidden = hidden * dropout_factor(seed, offsets, threshold, keep_scale)
@@ -124,14 +124,14 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bmm(a: Tensor, b: Tensor, dtype: torch.dtype, alpha: float = 1.0) -> Tensor:
-    """alpha * a @ b per sample, accumulated and scaled in fp32, written in `dtype`: a's (cuBLAS's
-    alpha), or fp32 from 16-bit operands (cuBLAS, then scaled). On CPU tensors (the interpreter's
-    tests) the same in fp32 with torch."""
+    """alpha * a @ b per sample, accumulated and scaled in fp32 (cuBLAS's alpha), written in `dtype`:
+    a's, or fp32 from 16-bit operands (then alpha = 1). On CPU tensors (the interpreter's tests) the
+    same in fp32 with torch."""
     if a.device.type == "cpu":
         return (torch.bmm(a.float(), b.float()) * alpha).to(dtype)
     if dtype != a.dtype:
-        out = torch.bmm(a, b, out_dtype=dtype)
-        return out if alpha == 1.0 else out.mul_(alpha)
+        assert alpha == 1.0, "fp32 products of 16-bit operands take no alpha"
+        return torch.bmm(a, b, out_dtype=dtype)
     if alpha == 1.0:
         return torch.bmm(a, b)
     # beta = 0: the uninitialised input is ignored (NaN in it included).

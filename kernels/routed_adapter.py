@@ -153,7 +153,7 @@ def routed_adapter_bwd_rows_kernel(
             dout = dout.to(tl.float32)
         dhidden += tl.dot(dout, mixed.to(dout.dtype), input_precision=PRECISION)
     offsets = (batch * length + rows[:, None]).to(tl.int64) * rank + ranks[None, :]
-    dhidden = drop_and_save(hidden, dhidden * scale, hidden_ptr, dhidden_ptr, offsets, offsets,
+    dhidden = drop_and_save(hidden, dhidden * scale, hidden_ptr, dhidden_ptr, offsets,
                             (rows[:, None] < length) & (ranks[None, :] < rank), seed, threshold, keep_scale, DROPOUT)
     dhidden = dhidden.to(tl.float32 if DOT_FP32 else dx_ptr.dtype.element_ty)
     for d0 in range(0, dim, BLOCK_D):

@@ -107,14 +107,13 @@ def dropout_factor(seed, offsets, threshold, keep_scale):
 
 
 @triton.jit
-def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, hashed, mask, seed, threshold, keep_scale,
+def drop_and_save(hidden, grad, hidden_ptr, grad_ptr, offsets, mask, seed, threshold, keep_scale,
                   DROPOUT: tl.constexpr):
-    """Backward helper: apply the dropout mask of the elements whose row-major indices in the dropped
-    tensor are `hashed` to an activation and to the gradient of its pre-dropout value, store both
-    (in the pointers' dtypes) at `offsets` from the pointers for the reduction kernel, and return
-    the masked gradient."""
+    """Backward helper: apply the dropout mask of the elements at `offsets` (their row-major indices
+    in the dropped tensor) to an activation and to the gradient of its pre-dropout value, store both
+    (in the pointers' dtypes) there, and return the masked gradient."""
     if DROPOUT:
-        keep = dropout_factor(seed, hashed, threshold, keep_scale)
+        keep = dropout_factor(seed, offsets, threshold, keep_scale)
         hidden = hidden * keep
         grad = grad * keep
     tl.store(hidden_ptr + offsets, hidden, mask=mask)

@@ -46,7 +46,7 @@ def test_cuda_kernels_have_no_spills_and_use_tensor_cores(rows):
 
 
 def test_problems_flags_spills_shared_memory_and_missing_tensor_cores(rows):
-    good = rows[0]
+    good = next(r for r in rows if r.matrix_kernel)
     spilled = report.KernelResources(**{**good.__dict__, "spill_bytes": 64})
     stacked = report.KernelResources(**{**good.__dict__, "spill_bytes": -1, "stack_bytes": 3712})
     scalar = report.KernelResources(**{**good.__dict__, "hmma": 0, "hgmma": 0})

@@ -483,8 +483,9 @@ def routed_adapter_eager(s: AdapterShape, backward: bool = False) -> list[Cost]:
 def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool = False) -> dict[str, float]:
     """Projected seconds of the floor, the fused Triton kernels (as the launchers configure them) and
     the eager chain for one op at `dims` (the names of vlfast.gpucheck's cases): the forward, or with
-    `backward` the forward + backward (as vlfast.gpucheck times them). For cross_attention also
-    "flash_s": SDPA's flash forward as modelled by flash_attention_forward (forward only)."""
+    `backward` the forward + backward (as vlfast.gpucheck times them); no "fused_s" for memvp_memory
+    in fp16. For cross_attention also "flash_s": SDPA's flash forward as modelled by
+    flash_attention_forward (forward only)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     passes = (False, True) if backward else (False,)
     if op == "cross_attention":
@@ -497,12 +498,14 @@ def project(op: str, dims: dict[str, int], dtype, hw: Hardware, backward: bool =
     elif op == "memvp_memory":
         s = MemVPShape(dims["B"], dims["L"], dims["M"], dims["D"], itemsize=itemsize)
         floor = sum((memvp_floor(s, b) for b in passes), Cost(0, 0))
-        fused = [k for b in passes for k in memvp_triton(s, memvp_config(s), hw, b)]
+        # fp16 keeps fp32 intermediates and fits them to fp16 before each product: not modelled.
+        fused = None if dtype == torch.float16 else [k for b in passes for k in memvp_triton(s, memvp_config(s), hw, b)]
         eager, extra = memvp_eager(s, dropout=False, backward=backward), {}
     else:
         s = AdapterShape(dims["B"], dims["B"] * dims["L"], dims["D"], dims["R"], dims["E"], itemsize=itemsize)
         floor = sum((routed_adapter_floor(s, b) for b in passes), Cost(0, 0))
         fused = [k for b in passes for k in routed_adapter_triton(s, adapter_config(s), hw, b)]
         eager, extra = routed_adapter_eager(s, backward), {}
-    return {"floor_s": floor.seconds(hw), "floor_bytes": floor.bytes, "fused_s": chain_seconds(fused, hw),
-            "eager_s": chain_seconds(eager, hw), **extra}
+    if fused is not None:
+        extra["fused_s"] = chain_seconds(fused, hw)
+    return {"floor_s": floor.seconds(hw), "floor_bytes": floor.bytes, "eager_s": chain_seconds(eager, hw), **extra}

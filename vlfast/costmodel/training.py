@@ -179,11 +179,12 @@ KERNEL_BATCH = 32  # samples per kernel call in the projections below (the bench
 
 
 def fused_seconds_saved(setup: Setup, gpu: Hardware = A100) -> float:
-    """Projected time per sample that vlfast's fused kernels remove from the eager PyTorch chains,
-    forward + backward: the Q-Former's cross-attention and, with the memory connector, MemVP in every
-    LLM layer, each at a batch of KERNEL_BATCH. Kernels as launched and eager chains are projected
-    by vlfast.costmodel.kernels; an op whose kernels project slower than its eager chain saves
-    nothing (auto would run plain PyTorch there)."""
+    """Projected time per sample that vlfast's fused kernels, chosen by name, would remove from the
+    eager PyTorch chains, forward + backward: the Q-Former's cross-attention and, with the memory
+    connector, MemVP in every LLM layer, each at a batch of KERNEL_BATCH. Kernels as launched and
+    eager chains are projected by vlfast.costmodel.kernels; an op whose kernels project slower than
+    its eager chain saves nothing. (`auto` runs plain PyTorch on GPUs, SDPA for cross_attention,
+    until the GPU check measures the kernels faster.)"""
     q = setup.qformer
     attention = AttentionShape(KERNEL_BATCH, q.heads, q.queries, setup.image_tokens, q.hidden // q.heads)
     blocks = attention_config(attention)
@@ -243,7 +244,8 @@ def transfer_lines(source: str | PretrainedConfig, target: str | PretrainedConfi
              "prompts become FFN memory rows, not input tokens: a different connector, whose accuracy "
              "after VPGTrans is not projected"),
         line("+ fused cross_attention / memvp_memory", memory, transfer_samples,
-             "the eager chains' projected time minus the fused kernels' as launched (vlfast.costmodel.kernels)",
+             "the eager chains' projected time minus the fused kernels' as launched (vlfast.costmodel.kernels), "
+             "were they chosen by name: auto runs plain PyTorch on GPUs until measured otherwise",
              fused_seconds_saved(memory, gpu)),
     ]
     lines.append(line(f"(source VPG from scratch on {_name(source)}, if none exists)",

@@ -30,7 +30,8 @@ SUPPORT = {
                     "shared memory", dtype_why="the cuda kernels run on tensor cores; use triton for float32"),
     "cpu": Support(limits={"D": MAX_WIDTH}, note="the CUDA kernels' arithmetic in scalar C++, for testing it (slow); "
                                                "computed in fp32"),
-    "torch": Support(None, note="plain PyTorch in the input dtype, autograd"),
+    "torch": Support(None, note="plain PyTorch in the input dtype (fp16: in fp32, which cannot overflow), "
+                     "autograd"),
 }
 register_op("memvp_memory", SUPPORT, PREFERENCE)
 

@@ -88,19 +88,24 @@ def memvp_memory_autograd(
 def memvp_memory_torch(
     x: Tensor, z: Tensor, key_pos: Tensor, value_pos: Tensor, scale: float, dropout_p: float, seed: int
 ) -> Tensor:
-    """The `torch` backend: the unfused formula in the input dtype (on GPUs, tensor cores) with the
-    dropout mask every backend draws, differentiated by autograd, which keeps several (B, L, M)
-    activations where the kernels keep only the pre-activation. The scale (and dropout's
-    1 / (1 - p)) multiplies the (B, L, M) activation rather than the (B, L, D) output: fewer
-    elements whenever M < D. (Computed in fp32 it was 2.9x slower than the plain op for bf16 on CPU
-    and would run on CUDA cores on GPUs.)"""
+    """The `torch` backend: the unfused formula with the dropout mask every backend draws,
+    differentiated by autograd, which keeps several (B, L, M) activations where the kernels keep
+    only the pre-activation. In the input dtype (on GPUs, tensor cores), except fp16, computed in
+    fp32 so that x K^T and its gradient may pass 65504 where the result does not (on GPUs its
+    products then run on CUDA cores: slower). (bf16 in fp32 was 1.3-2.9x slower than the plain op
+    on CPU.) The scale (and dropout's 1 / (1 - p)) multiplies the (B, L, M) activation rather than
+    the (B, L, D) output: fewer elements whenever M < D."""
+    dtype = x.dtype
+    if dtype == torch.float16:
+        x, z, key_pos, value_pos = (t.float() for t in (x, z, key_pos, value_pos))
     hidden = F.silu(torch.matmul(x, (z + key_pos).transpose(-1, -2)))
     if dropout_p > 0:
         keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1], z.shape[1]), dropout_p, x.device)
         hidden = hidden * keep * (scale / (1.0 - dropout_p))  # bool and Python scalar keep hidden's dtype
     else:
         hidden = hidden * scale
-    return torch.matmul(hidden, z + value_pos)
+    out = torch.matmul(hidden, z + value_pos)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # --- routed_adapter ----------------------------------------------------------------------------
