@@ -147,6 +147,26 @@ def test_torch_backend_multiplies_in_the_input_dtype():
         assert seen.dtypes == {torch.bfloat16} and out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_products_take_the_gpu_path_on_meta_tensors(dtype):
+    """The triton backend's products run through cuBLAS only on GPUs (on CPU tensors the tests take
+    torch's fp32 path): on meta tensors the GPU path's calls (bmm with an fp32 output, baddbmm with
+    alpha, fp16 fitting) must accept their arguments and give the dtypes and shapes the launcher uses."""
+    from vlfast.kernels.memvp_memory import _bmm, _product, intermediate_dtype
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    x, keys = meta(2, 9, 24), meta(2, 5, 24)
+    pre = _bmm(x, keys.transpose(1, 2), torch.float32)
+    assert pre.dtype == torch.float32 and pre.shape == (2, 9, 5)
+    act = meta(2, 9, 5, dtype=intermediate_dtype(dtype))
+    out = _product(act, keys, dtype, 0.7)
+    dkeys = _product(act.transpose(1, 2), x, intermediate_dtype(dtype), 0.7)
+    assert out.dtype == dtype and out.shape == (2, 9, 24)
+    assert dkeys.dtype == intermediate_dtype(dtype) and dkeys.shape == (2, 5, 24)
+
+
 def test_dropout_keep_rate_and_mask_agreement():
     for p in (0.1, 0.5):
         keep = dropout_keep_mask(seed_of(0), (4, 512, 512), p)
