@@ -151,11 +151,10 @@ def resolve_backend(
     requested: str | None,
     device: torch.device,
     unsupported_reason: Callable[[str], str | None],
-    preference: dict[str, tuple[str, ...]],
 ) -> str:
     """The backend to run `op` on. `unsupported_reason(backend)` covers the input's dtype and shape;
-    device checks are added here. `preference` is the op's measured fastest-first order per device
-    type for `auto`; `torch` (plain PyTorch) closes every order."""
+    device checks are added here. `auto` tries the op's registered fastest-first order for the
+    device type (`register_op`); `torch` (plain PyTorch) closes every order."""
     name = _default_backend if requested is None else requested
     _check_name(name)
 
@@ -167,7 +166,7 @@ def resolve_backend(
         if why is not None:
             raise BackendUnsupportedError(f"vlfast.ops.{op}: backend {name!r} cannot run this input: {why}")
         return name
-    order = auto_order(preference.get(device.type, ()))
+    order = OP_PREFERENCE[op].get(device.type, ("torch",))
     for backend in order:
         if reason(backend) is None:
             return backend

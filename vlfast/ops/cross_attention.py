@@ -104,9 +104,7 @@ def cross_attention(
             raise ValueError(f"kv_mask must have shape (B, Lk) = ({batch}, {k.shape[2]}), got {tuple(kv_mask.shape)}")
         kv_mask = kv_mask.contiguous()
     scale = head_dim**-0.5 if scale is None else float(scale)
-    chosen = resolve_backend(
-        "cross_attention", backend, q.device, lambda b: unsupported_reason(b, q), PREFERENCE
-    )
+    chosen = resolve_backend("cross_attention", backend, q.device, lambda b: unsupported_reason(b, q))
     if chosen == "torch":
         return cross_attention_torch(q, k, v, kv_mask, scale)
     out, _ = cross_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_mask, scale, chosen)

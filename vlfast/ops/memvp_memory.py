@@ -109,9 +109,7 @@ def memvp_memory(
     if min(x.shape) == 0 or memory == 0:
         raise ValueError(f"x and z need non-empty dims, got x {tuple(x.shape)} and z {tuple(z.shape)}")
     seed = draw_dropout_seed(dropout_p, generator)
-    chosen = resolve_backend(
-        "memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z), PREFERENCE
-    )
+    chosen = resolve_backend("memvp_memory", backend, x.device, lambda b: unsupported_reason(b, x, z))
     if chosen == "torch":
         return memvp_memory_torch(x, z, key_pos, value_pos, float(scale), float(dropout_p), seed)
     out, _ = memvp_memory_fwd(x.contiguous(), z.contiguous(), key_pos.contiguous(), value_pos.contiguous(),

@@ -138,7 +138,6 @@ def routed_adapter(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     seed = draw_dropout_seed(dropout_p, generator)
-    chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank, experts),
-                             PREFERENCE)
+    chosen = resolve_backend("routed_adapter", backend, x.device, lambda b: unsupported_reason(b, x, rank, experts))
     return routed_adapter_fwd(*(t.contiguous() for t in given.values()), float(temperature), float(scale),
                               float(dropout_p), seed, chosen)
