@@ -105,16 +105,11 @@ def memvp_memory_gradient_kernel(dkeys_ptr, dvalues_ptr, dz_ptr, dkey_pos_ptr, d
     tl.store(dvalue_pos_ptr + offsets, dvalue_pos.to(dvalue_pos_ptr.dtype.element_ty), mask=inside)
 
 
-# Elements per program and warps of each kernel: 8 elements per thread, so 16-bit data moves in
-# 16-byte loads; the (M x D) kernels' 1024-wide blocks give LLaMA-7B's M = 320, D = 4096 1,280
-# programs (about 10 per SM), each walking the samples.
-BLOCKS = {kernel: {"BLOCK": 1024, "num_warps": 4}
-          for kernel in ("keys_values", "activation", "memory_gradient")}
-
-
 def launch_config() -> dict:
-    """BLOCKS, per kernel; the cost model reads it."""
-    return {kernel: dict(cfg) for kernel, cfg in BLOCKS.items()}
+    """Elements per program and warps of each kernel (the cost model reads them): 8 elements per
+    thread, so 16-bit data moves in 16-byte loads; the (M x D) kernels' 1024-wide blocks give
+    LLaMA-7B's M = 320, D = 4096 1,280 programs (about 10 per SM), each walking the samples."""
+    return {kernel: {"BLOCK": 1024, "num_warps": 4} for kernel in ("keys_values", "activation", "memory_gradient")}
 
 
 def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
